@@ -1,0 +1,36 @@
+# Two set-up commands: `make demo` and `make test`. Both create/refresh .venv/ idempotently.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mome-installed
+TORCH_SPEC ?= torch==2.13.0
+# Holoscan wants a 32 MB stack; quiet GXF logs.
+RUN_ENV := ulimit -s 32768 2>/dev/null; HOLOSCAN_LOG_LEVEL=ERROR
+
+.PHONY: venv test demo lint format bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(RUN_ENV) $(PY) -m pytest
+
+demo: $(STAMP)
+	$(RUN_ENV) $(PY) -m app.demo --workdir .demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache

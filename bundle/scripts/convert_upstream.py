@@ -1,0 +1,257 @@
+"""Convert the MoME authors' checkpoint folder into a complete, runnable MONAI bundle.
+
+Usage::
+
+    mome-convert SRC --out BUNDLE_DIR [--sha256 NAME=HEX | --sha256 SHA256SUMS] [--torchscript]
+    cd bundle && python -m scripts.convert_upstream --src SRC --out BUNDLE_DIR
+
+``SRC`` is a folder in the authors' ``MoME_CHECKPOINT`` layout (``checkpoint_best.pth`` = gate,
+``checkpoint_best1..5.pth`` = experts T1, T1ce, T2, FLAIR, DWI). The architecture, patch size, spacing,
+normalisation and labels are read from the checkpoints' nnU-Net plans; the bundle's configs are adapted to them and
+``models/model.pt`` holds a plain state_dict of ``network_def``. The bundle is assembled in a temporary folder and
+moved into place only when complete, so a failed conversion leaves nothing behind.
+
+Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .networks import MoME
+from .upstream import ArchitectureSpec, CheckpointError, UpstreamMoME, read_mome_checkpoints
+
+__all__ = ["BUNDLE_TEMPLATE", "convert", "main", "parse_sha256_args", "write_bundle"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_TEMPLATE = Path(__file__).resolve().parents[1]
+_TEMPLATE_ITEMS = ("configs/metadata.json", "configs/inference.json", "scripts", "docs", "LICENSE")
+_LESION_SYNONYMS = {"abnormal", "abnormality", "lesion", "lesions"}
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+
+
+def parse_sha256_args(values: Sequence[str]) -> dict[str, str]:
+    """``NAME=HEX`` items and/or paths of ``sha256sum``-style files -> ``{file name: hex}``.
+
+    Raises:
+        CheckpointError: a malformed item or an unreadable sums file.
+    """
+    expected: dict[str, str] = {}
+    for value in values:
+        if "=" in value:
+            name, digest = value.split("=", 1)
+            pairs = [(digest.strip(), name.strip())]
+        else:
+            path = Path(value)
+            if not path.is_file():
+                raise CheckpointError(f"--sha256 {value}: neither NAME=HEX nor a readable checksum file.")
+            pairs = [tuple(line.split(None, 1)) for line in path.read_text().splitlines() if line.strip()]
+        for pair in pairs:
+            if len(pair) != 2 or len(pair[0]) != 64 or any(c not in "0123456789abcdefABCDEF" for c in pair[0]):
+                raise CheckpointError(f"--sha256 {value}: malformed entry {' '.join(pair)!r}; expected a 64-digit hex.")
+            expected[Path(pair[1].strip().lstrip("*")).name] = pair[0].lower()
+    return expected
+
+
+def _channel_def(labels: Mapping[str, int]) -> dict[str, str]:
+    """Label value -> name; the authors' binary foreground ("abnormal") is our "lesion"."""
+    names = {str(value): name for name, value in labels.items()}
+    if len(names) == 2 and names["1"].lower() in _LESION_SYNONYMS:
+        names["1"] = "lesion"
+    return names
+
+
+def _adapt_inference_config(config: dict[str, Any], spec: ArchitectureSpec, modalities: Sequence[str]) -> None:
+    config.update(
+        {
+            "modalities": list(modalities),
+            "num_classes": spec.num_classes,
+            "in_channels": spec.in_channels,
+            "features_per_stage": spec.features_per_stage,
+            "kernel_sizes": spec.kernel_sizes,
+            "strides": spec.strides,
+            "n_conv_per_stage": spec.n_conv_per_stage,
+            "n_conv_per_stage_decoder": spec.n_conv_per_stage_decoder,
+            "patch_size": spec.patch_size,
+            "spacing": spec.spacing,
+            "mirror_axes": spec.mirror_axes,
+            "normalize_nonzero": spec.use_mask_for_norm,
+        }
+    )
+
+
+def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path) -> None:
+    spec = upstream.spec
+    divisor = [1, 1, 1]
+    for stride in spec.strides:
+        divisor = [d * s for d, s in zip(divisor, stride)]
+    # twice the divisor: a 1-voxel bottleneck cannot be instance-normalised
+    shape = [f"{2 * d}*n" for d in divisor]
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    image.update({"num_channels": spec.in_channels, "spatial_shape": shape})
+    pred.update({"num_channels": spec.num_classes, "spatial_shape": shape, "channel_def": _channel_def(spec.labels)})
+    meta["upstream_checkpoints"] = {
+        "source_folder": src.name,
+        "sha256": upstream.sha256,
+        "modalities": upstream.modalities,
+        "nnunet_dataset": spec.dataset_name,
+        "nnunet_plans": spec.plans_name,
+        "nnunet_labels": spec.labels,
+        **{key: value for key, value in upstream.trainer_info.items() if value is not None},
+    }
+
+
+def build_network(upstream: UpstreamMoME) -> MoME:
+    """Instantiates :class:`MoME` for the checkpoint set and loads its weights after an explicit shape check."""
+    spec = upstream.spec
+    network = MoME(len(upstream.modalities), spec.in_channels, spec.num_classes, **spec.topology())
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(upstream.state_dict))
+    unexpected = sorted(set(upstream.state_dict) - set(expected))
+    wrong = [
+        f"{key}: checkpoint {tuple(tensor.shape)} vs plans {tuple(expected[key].shape)}"
+        for key, tensor in upstream.state_dict.items()
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            "checkpoint weights do not match the architecture in their own plans: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})."
+        )
+    network.load_state_dict(upstream.state_dict, strict=True)
+    return network.eval()
+
+
+def write_bundle(upstream: UpstreamMoME, network: MoME, out: Path, src: Path, torchscript: bool = False) -> None:
+    """Writes the complete bundle (template files, adapted configs, weights) into the empty folder ``out``."""
+    for item in _TEMPLATE_ITEMS:
+        source, target = BUNDLE_TEMPLATE / item, out / item
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    inference_path, meta_path = out / "configs/inference.json", out / "configs/metadata.json"
+    inference, meta = json.loads(inference_path.read_text()), json.loads(meta_path.read_text())
+    _adapt_inference_config(inference, upstream.spec, upstream.modalities)
+    _adapt_metadata(meta, upstream, src)
+    inference_path.write_text(json.dumps(inference, indent=4) + "\n")
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    (out / "models").mkdir(exist_ok=True)
+    torch.save(network.state_dict(), out / "models/model.pt")
+    if torchscript:
+        _export_torchscript(out)
+
+
+def _export_torchscript(bundle: Path) -> None:
+    """``models/model.ts`` (with the configs embedded) through MONAI's ``ckpt_export``."""
+    from monai.bundle import ckpt_export
+
+    sys.path.insert(0, str(bundle))
+    try:
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(bundle / "models/model.ts"),
+            ckpt_file=str(bundle / "models/model.pt"),
+            meta_file=str(bundle / "configs/metadata.json"),
+            config_file=str(bundle / "configs/inference.json"),
+            bundle_root=str(bundle),
+        )
+    finally:
+        sys.path.remove(str(bundle))
+
+
+def convert(
+    src: Path,
+    out: Path,
+    expected_sha256: Mapping[str, str] | None = None,
+    modalities: Sequence[str] | None = None,
+    torchscript: bool = False,
+    force: bool = False,
+) -> Path:
+    """Converts the authors' checkpoint folder ``src`` into a runnable bundle at ``out``.
+
+    Raises:
+        CheckpointError: bad input (missing files, wrong layout, not MoME, shape mismatch, untrusted pickle,
+            checksum mismatch) or an existing non-empty ``out`` without ``force``.
+    """
+    src, out = Path(src), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty; choose another --out or pass --force.")
+    if out.resolve() == BUNDLE_TEMPLATE or BUNDLE_TEMPLATE in out.resolve().parents:
+        raise CheckpointError(f"{out}: would overwrite the bundle template itself; choose another --out.")
+    upstream = read_mome_checkpoints(src, expected_sha256, modalities)
+    network = build_network(upstream)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_bundle(upstream, network, staging, src, torchscript)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote MoME bundle to %s", out)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mome-convert",
+        description="Convert the MoME authors' checkpoint folder (MoME_CHECKPOINT layout) into a MONAI bundle.",
+    )
+    parser.add_argument("src", nargs="?", type=Path, help="folder with checkpoint_best.pth and checkpoint_best1..5.pth")
+    parser.add_argument("--src", dest="src_option", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", "-o", required=True, type=Path, help="bundle folder to create")
+    parser.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HEX|SUMS_FILE",
+        help="verify checkpoint files before loading (repeatable; or a sha256sum-format file)",
+    )
+    parser.add_argument("--modalities", help="comma-separated expert names (default t1,t1ce,t2,flair,dwi)")
+    parser.add_argument("--torchscript", action="store_true", help="also write models/model.ts (ckpt_export)")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    src = args.src or args.src_option
+    if src is None or (args.src and args.src_option):
+        parser.error("give the checkpoint folder once, as SRC or --src SRC.")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
+    try:
+        expected = parse_sha256_args(args.sha256)
+        out = convert(src, args.out, expected, modalities, args.torchscript, args.force)
+    except CheckpointError as err:
+        print(f"mome-convert: input rejected: {err}", file=sys.stderr)
+        return EXIT_REJECTED
+    except Exception as err:  # noqa: BLE001 - report, never a traceback-only failure
+        logger.exception("internal error")
+        print(f"mome-convert: internal error: {err}", file=sys.stderr)
+        return EXIT_INTERNAL
+    print(f"wrote MoME bundle: {out}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
