@@ -15,6 +15,7 @@ import hashlib
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,18 +80,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found.")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a torch.save zip archive).")
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"the global {found.group(1)}" if found else "content"
+        found = re.search(r"Unsupported (?:global: GLOBAL (\S+)|class (\S+)|operand (\d+))", str(err))
+        if found is None:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err}).") from err
+        what = f"the global {found.group(1) or found.group(2)}" if found.group(3) is None else "a pickle opcode"
         raise UntrustedCheckpointError(
             f"{path}: refused to unpickle {what}, which is not on the allow-list of an nnU-Net checkpoint "
             "(tensors, numpy scalars/dtypes, torch.device). The file may be tampered with or is not a MoME "
             "checkpoint; it was not loaded."
         ) from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err}).") from err
     if not isinstance(checkpoint, Mapping) or "network_weights" not in checkpoint:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__

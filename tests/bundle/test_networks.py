@@ -1,0 +1,122 @@
+"""MoME / PlainConvUNet: release parameter counts, configurable sizes, fusion rule, TorchScript."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.networks import MoME, PlainConvUNet
+
+RELEASE = {
+    "features_per_stage": [32, 64, 128, 256, 320, 320],
+    "kernel_sizes": [3] * 6,
+    "strides": [1, 2, 2, 2, 2, 2],
+    "n_conv_per_stage": [2] * 6,
+    "n_conv_per_stage_decoder": [2] * 5,
+}
+SMALL = {
+    "features_per_stage": [4, 8, 12],
+    "kernel_sizes": [[1, 3, 3], 3, 3],
+    "strides": [1, [1, 2, 2], 2],
+    "n_conv_per_stage": [1, 2, 1],
+    "n_conv_per_stage_decoder": [1, 2],
+}
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_release_configuration_parameter_counts():
+    expert = PlainConvUNet(1, 2, **RELEASE)
+    gate = PlainConvUNet(1 + 5 * 32, 5 * 2, **RELEASE)
+    assert n_params(expert) == 31_195_594
+    assert n_params(gate) == 31_340_274
+
+
+def test_mome_sizes_come_from_configuration():
+    model = MoME(num_experts=3, in_channels=2, num_classes=4, **SMALL)
+    assert len(model.experts) == 3
+    assert model.gate.encoder[0][0].conv.in_channels == 2 + 3 * 4
+    assert model.gate.heads[-1].out_channels == 3 * 4
+    assert model.size_divisor == (2, 4, 4)
+    x = torch.randn(2, 2, 6, 12, 8)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 4, 6, 12, 8)
+
+
+def test_train_outputs_follow_the_fusion_rule():
+    torch.manual_seed(0)
+    model = MoME(num_experts=3, in_channels=1, num_classes=2, **SMALL).train()
+    out = model(torch.randn(1, 1, 4, 8, 8))
+    assert [f.shape[2:] for f in out["fused"]] == [(4, 8, 8), (4, 4, 4)]
+    assert len(out["experts"]) == 3 and all(len(levels) == 2 for levels in out["experts"])
+    for level, weights in enumerate(out["weights"]):
+        assert weights.shape[1] == 6
+        expected = sum(out["experts"][k][level] * weights[:, 2 * k : 2 * k + 2] for k in range(3))
+        torch.testing.assert_close(out["fused"][level], expected)
+
+
+def test_eval_forward_equals_train_full_resolution_output():
+    torch.manual_seed(1)
+    model = MoME(num_experts=2, in_channels=1, num_classes=3, **SMALL)
+    x = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        train_fused = model.train()(x)["fused"][0]
+        eval_fused = model.eval()(x)
+    torch.testing.assert_close(eval_fused, train_fused)
+
+
+def test_gate_input_includes_expert_stage0_features():
+    """Changing one expert's stage-0 weights must change the gate's weights, not only that expert's logits."""
+    torch.manual_seed(2)
+    model = MoME(num_experts=2, in_channels=1, num_classes=2, **SMALL).eval()
+    x = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        _, before = model._run(x, None, False)
+        model.experts[1].encoder[0][0].conv.bias += 1.0
+        _, after = model._run(x, None, False)
+    assert not torch.allclose(before[0], after[0])
+
+
+def test_prior_at_the_bottleneck():
+    torch.manual_seed(3)
+    gate = PlainConvUNet(3, 4, prior_channels=2, **SMALL).eval()
+    assert gate.upsample[0].in_channels == 12 + 2
+    x = torch.randn(2, 3, 4, 8, 8)
+    with torch.no_grad():
+        a = gate.forward_features(x, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))[1][0]
+        b = gate.forward_features(x, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))[1][0]
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="prior vector of 2 channels"):
+        gate.forward_features(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"features_per_stage": [8]}, "at least 2 stages"),
+        ({"kernel_sizes": [3, 3]}, "kernel_sizes needs 3 entries"),
+        ({"strides": [1, 2, [2, 2]]}, "stride must be"),
+        ({"n_conv_per_stage_decoder": [1]}, "n_conv_per_stage_decoder needs 2 entries"),
+        ({"n_conv_per_stage": [1, 0, 1]}, "at least one convolution"),
+    ],
+    ids=["one-stage", "kernels", "stride-length", "decoder-convs", "zero-convs"],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PlainConvUNet(1, 2, **{**SMALL, **kwargs})
+
+
+def test_mome_rejects_zero_experts():
+    with pytest.raises(ValueError, match="num_experts"):
+        MoME(num_experts=0, in_channels=1, num_classes=2, **SMALL)
+
+
+def test_torchscript_matches_eager():
+    torch.manual_seed(4)
+    model = MoME(num_experts=2, in_channels=1, num_classes=2, **SMALL).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
