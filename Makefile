@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Holoscan wants a 32 MB stack; quiet GXF logs.
 RUN_ENV := ulimit -s 32768 2>/dev/null; HOLOSCAN_LOG_LEVEL=ERROR
 
-.PHONY: venv test demo lint format bench clean
+.PHONY: venv test demo lint format clean
 
 venv: $(STAMP)
 
