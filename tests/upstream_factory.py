@@ -117,7 +117,6 @@ def random_upstream_unet(in_ch, out_ch, features, kernels, strides, n_enc, n_dec
 
 def write_checkpoint_set(folder: Path, plans: dict, labels: dict, n_experts: int, seed: int = 0) -> dict:
     """Writes ``checkpoint_best.pth`` + ``checkpoint_best1..K.pth`` like the authors' trainer; returns the weights."""
-    config = plans["configurations"]["3d_fullres"]
     arch = _arch(plans)
     n_classes = len(labels)
     gen = torch.Generator().manual_seed(seed)
@@ -150,7 +149,6 @@ def write_checkpoint_set(folder: Path, plans: dict, labels: dict, n_experts: int
         name = "checkpoint_best.pth" if index == 0 else f"checkpoint_best{index}.pth"
         torch.save(checkpoint, folder / name)
         weights[name] = sd
-    del config
     return weights
 
 

@@ -17,7 +17,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -355,7 +355,9 @@ def _expected_first_conv(spec: ArchitectureSpec, in_channels: int) -> tuple[int,
     return (spec.features_per_stage[0], in_channels, *spec.kernel_sizes[0])
 
 
-def _check_role(path: Path, weights: Mapping[str, torch.Tensor], in_channels: int, out_channels: int, role: str):
+def _check_role(
+    path: Path, weights: Mapping[str, torch.Tensor], in_channels: int, out_channels: int, role: str
+) -> None:
     """Rejects a file whose first conv / seg heads do not fit its role (gate or expert) before the full check."""
     first = weights.get("encoder.0.0.conv.weight")
     head = weights.get("heads.0.weight")
@@ -413,7 +415,7 @@ def read_mome_checkpoints(
             raise CheckpointError(f"{path}: its plans/labels differ from the gate's; not one MoME checkpoint set.")
     mirror = checkpoints[0].get("inference_allowed_mirroring_axes")
     if mirror is not None:
-        spec = ArchitectureSpec(**{**spec.__dict__, "mirror_axes": [int(a) for a in mirror]})
+        spec = replace(spec, mirror_axes=[int(a) for a in mirror])
 
     state_dict: dict[str, torch.Tensor] = {}
     gate_in = spec.in_channels + n_experts * spec.features_per_stage[0]
