@@ -91,11 +91,8 @@ def _adapt_inference_config(config: dict[str, Any], spec: ArchitectureSpec, moda
     )
 
 
-def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path) -> None:
+def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path, divisor: Sequence[int]) -> None:
     spec = upstream.spec
-    divisor = [1, 1, 1]
-    for stride in spec.strides:
-        divisor = [d * s for d, s in zip(divisor, stride)]
     # twice the divisor: a 1-voxel bottleneck cannot be instance-normalised
     shape = [f"{2 * d}*n" for d in divisor]
     image = meta["network_data_format"]["inputs"]["image"]
@@ -147,7 +144,7 @@ def write_bundle(upstream: UpstreamMoME, network: MoME, out: Path, src: Path, to
     inference_path, meta_path = out / "configs/inference.json", out / "configs/metadata.json"
     inference, meta = json.loads(inference_path.read_text()), json.loads(meta_path.read_text())
     _adapt_inference_config(inference, upstream.spec, upstream.modalities)
-    _adapt_metadata(meta, upstream, src)
+    _adapt_metadata(meta, upstream, src, network.size_divisor)
     inference_path.write_text(json.dumps(inference, indent=4) + "\n")
     meta_path.write_text(json.dumps(meta, indent=4) + "\n")
     (out / "models").mkdir(exist_ok=True)

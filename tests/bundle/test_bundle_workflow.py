@@ -47,9 +47,11 @@ def test_verify_metadata_offline(which, converted_bundle):
     assert result.returncode == 0 and "metadata is verified with no error" in result.stderr + result.stdout
 
 
-def test_verify_net_in_out_converted(converted_bundle):
+@pytest.mark.parametrize("which", ["converted", pytest.param("template", marks=pytest.mark.slow)])
+def test_verify_net_in_out(which, converted_bundle):
+    bundle = TEMPLATE if which == "template" else converted_bundle
     result = monai_bundle(
-        converted_bundle,
+        bundle,
         "verify_net_in_out",
         "network_def",
         "--meta_file",
@@ -59,20 +61,6 @@ def test_verify_net_in_out_converted(converted_bundle):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified with no error" in result.stderr + result.stdout
-
-
-@pytest.mark.slow
-def test_verify_net_in_out_release_template():
-    result = monai_bundle(
-        TEMPLATE,
-        "verify_net_in_out",
-        "network_def",
-        "--meta_file",
-        "configs/metadata.json",
-        "--config_file",
-        "configs/inference.json",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_torchscript_export_matches_eager(converted_bundle, converted_network, reference_outputs):
