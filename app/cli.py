@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from app.bundle_path import use_bundle_scripts
 
-__all__ = ["convert_main"]
+__all__ = ["convert_main", "eval_main"]
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
@@ -16,3 +16,18 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     from scripts.convert_upstream import main
 
     return main(sys.argv[1:] if argv is None else argv)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``mome-eval --data DIR --model BUNDLE_DIR``: Dice, volume error and lesion F1 of a bundle on a dataset.
+
+    Unlike argparse's default, usage errors (and ``--help``) return their exit code instead of raising SystemExit.
+    """
+    from app.cli_eval import parse_args, run
+
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    use_bundle_scripts(args.model)
+    return run(args)

@@ -36,7 +36,35 @@ __all__ = ["BUNDLE_TEMPLATE", "convert", "main", "parse_sha256_args", "write_bun
 logger = logging.getLogger(__name__)
 
 BUNDLE_TEMPLATE = Path(__file__).resolve().parents[1]
-_TEMPLATE_ITEMS = ("configs/metadata.json", "configs/inference.json", "scripts", "docs", "LICENSE")
+_TEMPLATE_ITEMS = (
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/train.json",
+    "configs/train_expert.json",
+    "scripts",
+    "resources",
+    "docs",
+    "LICENSE",
+)
+_ARCHITECTURE_CONFIGS = ("configs/inference.json", "configs/train.json", "configs/train_expert.json")
+# The template's metadata describes the synthetic-data demo model; converted bundles describe the authors' weights.
+_UPSTREAM_METADATA = {
+    "description": (
+        "Mixture of Modality Experts (MoME): five nnU-Net-style modality experts and a gating U-Net that fuses their "
+        "logits voxel- and class-wise at every decoder level, with the authors' weights converted by mome-convert. "
+        "Input is one MRI volume in MoME space (MNI152 2009a, 1 mm, brain-masked, cropped to 160x196x160); output "
+        "is a binary lesion label map."
+    ),
+    "data_source": (
+        "Authors' training data: BraTS 2021, ATLAS v2.0, ISLES 2022, WMH 2017, MSSEG 2016, OASIS (6,585 annotated "
+        "images in total across the nine datasets of the paper)"
+    ),
+    "image_classes": (
+        "one MRI channel (T1, T1ce, T2, FLAIR or DWI) in MNI152 2009a space at the checkpoint's spacing, z-scored "
+        "over the whole cropped volume"
+    ),
+    "eval_metrics": {"mean_dice": 0.0},
+}
 _LESION_SYNONYMS = {"abnormal", "abnormality", "lesion", "lesions"}
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
@@ -93,6 +121,8 @@ def _adapt_inference_config(config: dict[str, Any], spec: ArchitectureSpec, moda
 
 def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path, divisor: Sequence[int]) -> None:
     spec = upstream.spec
+    meta.update(_UPSTREAM_METADATA)
+    meta.pop("demo_model", None)
     # twice the divisor: a 1-voxel bottleneck cannot be instance-normalised
     shape = [f"{2 * d}*n" for d in divisor]
     image = meta["network_data_format"]["inputs"]["image"]
@@ -141,11 +171,14 @@ def write_bundle(upstream: UpstreamMoME, network: MoME, out: Path, src: Path, to
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    inference_path, meta_path = out / "configs/inference.json", out / "configs/metadata.json"
-    inference, meta = json.loads(inference_path.read_text()), json.loads(meta_path.read_text())
-    _adapt_inference_config(inference, upstream.spec, upstream.modalities)
+    for name in _ARCHITECTURE_CONFIGS:
+        config_path = out / name
+        config = json.loads(config_path.read_text())
+        _adapt_inference_config(config, upstream.spec, upstream.modalities)
+        config_path.write_text(json.dumps(config, indent=4) + "\n")
+    meta_path = out / "configs/metadata.json"
+    meta = json.loads(meta_path.read_text())
     _adapt_metadata(meta, upstream, src, network.size_divisor)
-    inference_path.write_text(json.dumps(inference, indent=4) + "\n")
     meta_path.write_text(json.dumps(meta, indent=4) + "\n")
     (out / "models").mkdir(exist_ok=True)
     torch.save(network.state_dict(), out / "models/model.pt")

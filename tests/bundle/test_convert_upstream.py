@@ -50,7 +50,13 @@ def test_converted_bundle_is_complete_and_adapted(converted_bundle: Path, upstre
     assert inference["features_per_stage"] == [32, 32, 32, 32]
     assert inference["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     assert inference["modalities"] == ["t1", "t1ce", "t2", "flair", "dwi"]
+    for name in ("train.json", "train_expert.json"):  # fine-tuning starts from the converted architecture
+        train = json.loads((converted_bundle / "configs" / name).read_text())
+        for key in ("features_per_stage", "kernel_sizes", "strides", "patch_size", "spacing", "n_conv_per_stage"):
+            assert train[key] == inference[key], (name, key)
+    assert (converted_bundle / "resources/mni152_2009a/t1.nii.gz").is_file()
     meta = json.loads((converted_bundle / "configs/metadata.json").read_text())
+    assert "synthetic" not in meta["description"].lower() and "demo_model" not in meta
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "background", "1": "lesion"}
     assert pred["spatial_shape"] == ["16*n"] * 3

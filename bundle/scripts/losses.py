@@ -1,0 +1,119 @@
+"""MoME losses: nnU-Net's Dice + CE with deep supervision, the curriculum and the modality-routed expert loss.
+
+Spec: ``mome-method.md`` section 6.3. The fused loss ``L2`` supervises the gate-weighted fusion at every decoder
+level; the expert loss ``L1`` supervises, for each sample, only the expert of that sample's modality; the curriculum
+moves the weight from ``L1`` to ``L2`` over training: ``L = (1 - r)^p * L1 + (1 - (1 - r)^p) * L2`` with
+``r = epoch / epochs``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+from torch import nn
+
+__all__ = [
+    "MoMELoss",
+    "UNKNOWN_MODALITY",
+    "curriculum_weight",
+    "deep_supervision_weights",
+    "nnunet_dice_ce",
+    "nnunet_deep_supervision_loss",
+]
+
+UNKNOWN_MODALITY = -1
+
+
+def deep_supervision_weights(levels: int) -> List[float]:
+    """nnU-Net's weights for ``levels`` outputs (high -> low resolution): 1/2^i, the lowest set to 0, normalised.
+
+    For 5 levels: ``[0.5333, 0.2667, 0.1333, 0.0667, 0.0]``; a single level gets weight 1.
+    """
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}.")
+    if levels == 1:
+        return [1.0]
+    raw = [0.5**i for i in range(levels)]
+    raw[-1] = 0.0
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def nnunet_dice_ce() -> DiceCELoss:
+    """nnU-Net's ``DC_and_CE_loss``: softmax soft Dice per sample without background (smooth 1e-5) + CE, 1:1.
+
+    MONAI's Dice term is ``1 - Dice`` where nnU-Net's is ``-Dice``; the constant does not change any gradient.
+    """
+    return DiceCELoss(
+        include_background=False,
+        to_onehot_y=True,
+        softmax=True,
+        batch=False,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        lambda_dice=1.0,
+        lambda_ce=1.0,
+    )
+
+
+def nnunet_deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
+    """Dice + CE over ``levels`` deep-supervision outputs with nnU-Net's weights; targets downsampled (nearest)."""
+    return DeepSupervisionLoss(nnunet_dice_ce(), weights=deep_supervision_weights(levels))
+
+
+def curriculum_weight(r: float, exponent: float) -> float:
+    """Weight of the expert loss at training progress ``r`` in [0, 1]: ``(1 - r)^p``."""
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"training progress r must lie in [0, 1], got {r}.")
+    return (1.0 - r) ** exponent
+
+
+class MoMELoss(nn.Module):
+    """The MoME training loss for a batch.
+
+    Args:
+        levels: deep-supervision outputs per network.
+        curriculum_exponent: ``p`` of the curriculum (2 in the authors' current code, 3 in the MICCAI-era code).
+        expert_reduction: ``"sum"`` adds the per-sample expert losses over the batch as the authors do (so ``L1``
+            scales with the batch size); ``"mean"`` averages them over the samples that have a known modality.
+
+    Call with the training output of :class:`scripts.networks.MoME` (``fused``, ``experts``), the target
+    ``(B, 1, ...)``, the per-sample expert index ``(B,)`` (``-1`` = unknown modality: the sample then contributes to
+    the fused loss only) and the progress ``r``. Returns a dict with ``loss``, ``fused``, ``expert`` and ``weight``
+    (the curriculum weight of the expert loss).
+    """
+
+    def __init__(self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum") -> None:
+        super().__init__()
+        if expert_reduction not in ("sum", "mean"):
+            raise ValueError(f"expert_reduction must be 'sum' or 'mean', got {expert_reduction!r}.")
+        self.deep_supervision = nnunet_deep_supervision_loss(levels)
+        self.curriculum_exponent = curriculum_exponent
+        self.expert_reduction = expert_reduction
+
+    def expert_loss(
+        self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, expert_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_b L_DS(E_{m_b}(x_b), y_b)`` over the samples with a known modality (or their mean)."""
+        terms = []
+        for b, k in enumerate(expert_index.tolist()):
+            if k == UNKNOWN_MODALITY:
+                continue
+            if not 0 <= k < len(experts):
+                raise ValueError(f"sample {b} is routed to expert {k}, but there are {len(experts)} experts.")
+            terms.append(self.deep_supervision([level[b : b + 1] for level in experts[k]], target[b : b + 1]))
+        if not terms:
+            return target.new_zeros((), dtype=torch.float32)
+        total = torch.stack(terms).sum()
+        return total / len(terms) if self.expert_reduction == "mean" else total
+
+    def forward(
+        self, outputs: Dict[str, list], target: torch.Tensor, expert_index: torch.Tensor, r: float
+    ) -> Dict[str, torch.Tensor]:
+        weight = curriculum_weight(r, self.curriculum_exponent)
+        fused = self.deep_supervision(outputs["fused"], target)
+        expert = self.expert_loss(outputs["experts"], target, expert_index)
+        loss = weight * expert + (1.0 - weight) * fused
+        return {"loss": loss, "fused": fused.detach(), "expert": expert.detach(), "weight": torch.tensor(weight)}

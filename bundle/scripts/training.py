@@ -1,0 +1,496 @@
+"""Training of MoME experts, joint MoME (curriculum) and plain U-Nets, driven by the bundle's train configs.
+
+Design choices (documented in ``docs/README.md``):
+
+* Randomness is a pure function of ``(seed, iteration, sample)``: the case, the patch position and every
+  augmentation parameter are drawn from ``numpy.random.default_rng([seed, iteration, sample])``. Resuming therefore
+  continues exactly where a run stopped; no generator state has to be saved.
+* The learning rate follows nnU-Net's poly schedule, set at the start of each epoch; the curriculum progress
+  ``r = epoch / epochs`` is held within an epoch, as upstream.
+* ``checkpoint_latest.pt`` holds every network (one ``state_dict`` for the whole MoME, so no expert can be forgotten on
+  resume), the optimizer with its momentum buffers, the AMP scaler, the epoch, the EMA of the validation Dice and the
+  history; it is written atomically after every epoch and read with ``weights_only=True``.
+* Validation is nnU-Net's pseudo-Dice: fixed patches of the validation cases (one centred on the lesion, one at the
+  volume centre), eval mode, full-resolution argmax, true/false positives and false negatives pooled per modality.
+  ``model.pt`` (plain ``state_dict``) is written whenever the EMA (0.9/0.1) of the mean Dice over modalities improves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+from monai.data import load_decathlon_datalist
+from monai.transforms import Compose
+from torch import nn
+
+from .losses import UNKNOWN_MODALITY, MoMELoss, nnunet_deep_supervision_loss
+from .networks import MoME, PlainConvUNet, he_init
+
+__all__ = [
+    "PatchSampler",
+    "Trainer",
+    "load_experts",
+    "modality_index",
+    "poly_lr",
+    "read_datalist",
+    "split_by_subject",
+]
+
+CHECKPOINT = "checkpoint_latest.pt"
+MODEL = "model.pt"
+LOG = "train_log.jsonl"
+
+
+def modality_index(modality: str, modalities: Sequence[str]) -> int:
+    """Expert index of a modality id (case-insensitive); ``-1`` when it is not one of ``modalities``."""
+    lowered = [m.lower() for m in modalities]
+    return lowered.index(modality.lower()) if modality and modality.lower() in lowered else UNKNOWN_MODALITY
+
+
+def read_datalist(
+    dataset_json: str, modalities: Sequence[str] | None = None, key: str = "training"
+) -> List[Dict[str, object]]:
+    """Cases of a dataset JSON (paths made absolute), optionally only those of ``modalities``.
+
+    The modality of a case comes from its ``"modality"`` field, never from its file name.
+    """
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset JSON not found (make one with `python -m scripts.synthetic`).")
+    cases = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(path.parent))
+    missing = [c.get("image") for c in cases if "modality" not in c]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} cases have no 'modality' field, e.g. {missing[0]}.")
+    if modalities is not None:
+        wanted = {m.lower() for m in modalities}
+        cases = [c for c in cases if str(c["modality"]).lower() in wanted]
+    if not cases:
+        raise ValueError(f"{path}: no cases with modality in {list(modalities or [])}.")
+    return cases
+
+
+def split_by_subject(
+    cases: Sequence[Dict[str, object]], val_fraction: float, seed: int, part: str
+) -> List[Dict[str, object]]:
+    """Deterministic train/validation split that keeps all contrasts of a subject on the same side."""
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got {part!r}.")
+    subjects = sorted({str(c.get("subject", c.get("case", c["image"]))) for c in cases})
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = min(len(subjects) - 1, max(1, int(round(val_fraction * len(subjects))))) if val_fraction > 0 else 0
+    val = {subjects[i] for i in order[:n_val]}
+    keep = (lambda s: s in val) if part == "val" else (lambda s: s not in val)
+    return [c for c in cases if keep(str(c.get("subject", c.get("case", c["image"]))))]
+
+
+def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly learning rate for ``epoch`` (0-based)."""
+    return initial_lr * (1.0 - epoch / epochs) ** exponent
+
+
+def load_experts(network: MoME, checkpoints: Sequence[str], reinit_heads: bool = False, strict: bool = True) -> MoME:
+    """Initialises MoME's experts from single-expert ``state_dict`` files (``train_expert.json`` outputs).
+
+    Args:
+        network: the MoME whose ``experts[k]`` receives ``checkpoints[k]``.
+        checkpoints: one file per expert, in expert order.
+        reinit_heads: re-initialise the experts' 1x1x1 heads after loading, as the authors' code does
+            (its ``load_pretrained_weights`` skips ``seg_layers``). Off by default: see docs/README.md.
+        strict: passed to ``load_state_dict``.
+    """
+    if len(checkpoints) != len(network.experts):
+        raise ValueError(f"{len(network.experts)} experts but {len(checkpoints)} checkpoints were given.")
+    for expert, path in zip(network.experts, checkpoints):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: expert checkpoint not found (train it with configs/train_expert.json).")
+        expert.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=strict)
+        if reinit_heads:
+            expert.heads.apply(he_init)
+    return network
+
+
+class PatchSampler:
+    """Draws training batches from cached cases; randomness is a function of ``(seed, iteration, sample)``.
+
+    Args:
+        cases: dicts with ``image`` ``(1, D, H, W)`` float tensor, ``label`` ``(1, D, H, W)`` and ``expert``
+            (modality index, ``-1`` if unknown).
+        patch_size: spatial patch size (network axis order).
+        batch_size: samples per batch.
+        foreground_fraction: nnU-Net's oversampling: samples with index ``>= round(B * (1 - f))`` are centred on a
+            lesion voxel (with ``B = 1`` a sample is forced with probability ``f``).
+        augmentation: optional MONAI dictionary transform applied to each ``{"image", "label"}`` patch; its random
+            state is reseeded per sample.
+        seed: base seed.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Dict[str, object]],
+        patch_size: Sequence[int],
+        batch_size: int = 2,
+        foreground_fraction: float = 0.33,
+        augmentation: Callable | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not cases:
+            raise ValueError("no training cases.")
+        self.cases = list(cases)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = batch_size
+        self.foreground_fraction = foreground_fraction
+        self.augmentation = augmentation
+        self.seed = seed
+        self._foreground = [torch.nonzero(torch.as_tensor(c["label"])[0] > 0) for c in self.cases]
+
+    def _forced(self, sample: int, rng: np.random.Generator) -> bool:
+        if self.batch_size == 1:
+            return bool(rng.random() < self.foreground_fraction)
+        return sample >= round(self.batch_size * (1 - self.foreground_fraction))
+
+    def _start(self, shape: Sequence[int], rng: np.random.Generator, centre: Sequence[int] | None) -> List[int]:
+        starts = []
+        for axis, (size, patch) in enumerate(zip(shape, self.patch_size)):
+            high = size - patch
+            if centre is None:
+                starts.append(int(rng.integers(min(0, high), max(0, high) + 1)))
+            else:
+                starts.append(int(np.clip(centre[axis] - patch // 2, min(0, high), max(0, high))))
+        return starts
+
+    def _crop(self, volume: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
+        """Crops a patch; regions outside the volume are zero-padded."""
+        out = volume.new_zeros((volume.shape[0], *self.patch_size))
+        src, dst = [], []
+        for s, size, patch in zip(start, volume.shape[1:], self.patch_size):
+            lo, hi = max(s, 0), min(s + patch, size)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - s, hi - s))
+        out[(slice(None), *dst)] = volume[(slice(None), *src)]
+        return out
+
+    def sample(self, iteration: int, index: int) -> Dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, iteration, index])
+        case_index = int(rng.integers(len(self.cases)))
+        case = self.cases[case_index]
+        image, label = torch.as_tensor(case["image"]), torch.as_tensor(case["label"])
+        foreground = self._foreground[case_index]
+        centre = None
+        if self._forced(index, rng) and len(foreground):
+            centre = foreground[int(rng.integers(len(foreground)))].tolist()
+        start = self._start(image.shape[1:], rng, centre)
+        patch = {"image": self._crop(image.float(), start), "label": self._crop(label.float(), start)}
+        if self.augmentation is not None:
+            if hasattr(self.augmentation, "set_random_state"):
+                self.augmentation.set_random_state(seed=int(rng.integers(2**31)))
+            patch = self.augmentation(patch)
+        return {
+            "image": torch.as_tensor(patch["image"]).float(),
+            "label": torch.as_tensor(patch["label"]).round().clamp(0).long(),
+            "expert": torch.tensor(int(case.get("expert", UNKNOWN_MODALITY))),
+        }
+
+    def batch(self, iteration: int) -> Dict[str, torch.Tensor]:
+        samples = [self.sample(iteration, b) for b in range(self.batch_size)]
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def _validation_patches(cases: Sequence[Dict[str, object]], patch_size: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
+    """Two fixed patches per validation case: centred on the lesion's median voxel and on the volume centre."""
+    sampler = PatchSampler(cases, patch_size, batch_size=1)
+    patches = []
+    for case, foreground in zip(sampler.cases, sampler._foreground):
+        image, label = torch.as_tensor(case["image"]).float(), torch.as_tensor(case["label"]).float()
+        centres = [[s // 2 for s in image.shape[1:]]]
+        if len(foreground):
+            centres.insert(0, foreground.median(dim=0).values.tolist())
+        for centre in centres:
+            start = sampler._start(image.shape[1:], np.random.default_rng(0), centre)
+            patches.append(
+                {
+                    "image": sampler._crop(image, start),
+                    "label": sampler._crop(label, start).long(),
+                    "expert": int(case.get("expert", UNKNOWN_MODALITY)),
+                }
+            )
+    return patches
+
+
+class Trainer:
+    """nnU-Net-style training loop for a MoME (curriculum) or a single U-Net (expert or universal baseline).
+
+    Args:
+        network: a :class:`scripts.networks.MoME` (joint training with :class:`scripts.losses.MoMELoss`) or a
+            :class:`scripts.networks.PlainConvUNet` (deep-supervised Dice + CE).
+        optimizer: optimizer over all trainable parameters (SGD, Nesterov, momentum 0.99 as upstream).
+        train_cases: cached cases (``image``, ``label``, ``modality``) in network axis order, normalised.
+        val_cases: cases for the per-epoch pseudo-Dice (may be empty).
+        patch_size: training patch size.
+        output_dir: where ``checkpoint_latest.pt``, ``model.pt``, ``model_final.pt`` and ``train_log.jsonl`` go.
+        modalities: modality ids in expert order (used for routing and the per-modality log).
+        epochs, iterations_per_epoch, batch_size, initial_lr, poly_exponent: nnU-Net schedule.
+        curriculum_exponent, expert_reduction: see :class:`scripts.losses.MoMELoss`.
+        grad_clip: max gradient norm (``None``/0 disables).
+        clip_scope: ``"all"`` clips each network separately (our default), ``"gate"`` only the gate (upstream).
+        augmentation: MONAI dictionary transform for training patches.
+        foreground_fraction: nnU-Net's foreground oversampling.
+        seed: base seed of all sampling.
+        device: torch device; AMP (``torch.autocast`` + ``GradScaler``) is used on CUDA when ``amp``.
+        channels_last: use the channels-last 3-D memory layout on CPU (about 20 % faster convolutions here).
+        resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
+        progress: show a progress bar per epoch.
+        max_iterations: stop after this many iterations in total (for smoke tests and budgets); ``None`` = all.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_cases: Sequence[Dict[str, object]],
+        val_cases: Sequence[Dict[str, object]],
+        patch_size: Sequence[int],
+        output_dir: str,
+        modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair", "dwi"),
+        epochs: int = 800,
+        iterations_per_epoch: int = 250,
+        batch_size: int = 2,
+        initial_lr: float = 1e-3,
+        poly_exponent: float = 0.9,
+        curriculum_exponent: float = 2.0,
+        expert_reduction: str = "sum",
+        grad_clip: float | None = 12.0,
+        clip_scope: str = "all",
+        augmentation: Callable | None = None,
+        foreground_fraction: float = 0.33,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        amp: bool = True,
+        channels_last: bool = True,
+        resume: bool = True,
+        progress: bool = True,
+        max_iterations: int | None = None,
+    ) -> None:
+        if clip_scope not in ("all", "gate"):
+            raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self.is_mome = isinstance(network, MoME)
+        self.channels_last = channels_last and self.device.type == "cpu"
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last_3d)
+        self.optimizer = optimizer
+        self.modalities = [m.lower() for m in modalities]
+        self.train_cases = self._with_expert(train_cases)
+        self.val_patches = _validation_patches(self._with_expert(val_cases), patch_size) if val_cases else []
+        self.sampler = PatchSampler(
+            self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed
+        )  # fmt: skip
+        levels = self._levels(network)
+        self.loss = MoMELoss(levels, curriculum_exponent, expert_reduction) if self.is_mome else None
+        self.single_loss = None if self.is_mome else nnunet_deep_supervision_loss(levels)
+        self.output_dir = Path(output_dir)
+        self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
+        self.initial_lr, self.poly_exponent = initial_lr, poly_exponent
+        self.grad_clip, self.clip_scope = grad_clip, clip_scope
+        self.amp = amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.resume, self.progress, self.max_iterations = resume, progress, max_iterations
+        self.start_epoch, self.ema_dice, self.best_ema, self.history = 0, None, -1.0, []
+
+    def _with_expert(self, cases: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+        return [{**c, "expert": modality_index(str(c.get("modality", "")), self.modalities)} for c in cases]
+
+    @staticmethod
+    def _levels(network: nn.Module) -> int:
+        unet = network.gate if isinstance(network, MoME) else network
+        return len(unet.decoder)
+
+    # -- checkpointing ---------------------------------------------------------------------------------------------
+    def _checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT
+
+    def save_checkpoint(self, next_epoch: int) -> None:
+        state = {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": next_epoch,
+            "ema_dice": -1.0 if self.ema_dice is None else self.ema_dice,
+            "best_ema": self.best_ema,
+            "history": json.dumps(self.history),
+        }
+        _atomic_save(state, self._checkpoint_path())
+
+    def load_checkpoint(self) -> bool:
+        path = self._checkpoint_path()
+        if not (self.resume and path.is_file()):
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.network.load_state_dict(state["network"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.ema_dice = None if state["ema_dice"] < 0 else float(state["ema_dice"])
+        self.best_ema = float(state["best_ema"])
+        self.history = json.loads(state["history"])
+        return True
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else tensor
+
+    def _nets(self) -> List[nn.Module]:
+        if not self.is_mome:
+            return [self.network]
+        return [self.network.gate] if self.clip_scope == "gate" else [*self.network.experts, self.network.gate]
+
+    def train_step(self, batch: Dict[str, torch.Tensor], r: float) -> Dict[str, float]:
+        image, label = self._to_device(batch["image"]), batch["label"].to(self.device).float()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            outputs = self.network(image)
+            if self.is_mome:
+                terms = self.loss(outputs, label, batch["expert"], r)
+            else:
+                terms = {"loss": self.single_loss(outputs, label)}
+        self.scaler.scale(terms["loss"]).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            for net in self._nets():
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # -- validation -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Dict[str, float]:
+        """Pooled pseudo-Dice per modality on the fixed validation patches (eval mode, full resolution)."""
+        if not self.val_patches:
+            return {}
+        self.network.eval()
+        counts: Dict[str, np.ndarray] = {}
+        for patch in self.val_patches:
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.network(self._to_device(patch["image"][None]))
+            prediction = logits.argmax(1)[0].cpu() > 0
+            truth = patch["label"][0] > 0
+            name = self.modalities[patch["expert"]] if patch["expert"] >= 0 else "unknown"
+            tp_fp_fn = np.array([(prediction & truth).sum(), (prediction & ~truth).sum(), (~prediction & truth).sum()])
+            counts[name] = counts.get(name, 0) + tp_fp_fn
+        self.network.train()
+        dice = {m: float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1)) for m, c in counts.items()}
+        dice["mean"] = float(np.mean(list(dice.values())))
+        return dice
+
+    # -- loop -------------------------------------------------------------------------------------------------------
+    def _epoch(self, epoch: int, bar_desc: str) -> Dict[str, float]:
+        lr = poly_lr(self.initial_lr, epoch, self.epochs, self.poly_exponent)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        r = epoch / self.epochs
+        sums: Dict[str, float] = {}
+        steps = range(epoch * self.iterations_per_epoch, (epoch + 1) * self.iterations_per_epoch)
+        if self.max_iterations is not None:
+            steps = range(steps.start, min(steps.stop, self.max_iterations))
+        bar = _progress(steps, bar_desc, self.progress)
+        for iteration in bar:
+            terms = self.train_step(self.sampler.batch(iteration), r)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        n = max(len(steps), 1)
+        return {"epoch": epoch, "r": r, "lr": lr, **{k: v / n for k, v in sums.items()}, "iterations": len(steps)}
+
+    def run(self) -> List[Dict[str, object]]:
+        """Trains until ``epochs`` (or ``max_iterations``); returns the per-epoch history."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.load_checkpoint():
+            _log(f"resumed from {self._checkpoint_path()} at epoch {self.start_epoch}")
+        self.network.train()
+        for epoch in range(self.start_epoch, self.epochs):
+            if self.max_iterations is not None and epoch * self.iterations_per_epoch >= self.max_iterations:
+                break
+            started = time.time()
+            record = self._epoch(epoch, f"epoch {epoch + 1}/{self.epochs}")
+            record["val_dice"] = self.validate()
+            record["seconds"] = round(time.time() - started, 2)
+            self._track_best(record)
+            self.history.append(record)
+            self.save_checkpoint(epoch + 1)
+            with open(self.output_dir / LOG, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            _log(_format(record, self.epochs))
+        _atomic_save(self.network.state_dict(), self.output_dir / "model_final.pt")
+        if not (self.output_dir / MODEL).is_file():
+            _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+        return self.history
+
+    def _track_best(self, record: Dict[str, object]) -> None:
+        dice = record["val_dice"]
+        if not dice:
+            return
+        mean = float(dice["mean"])  # type: ignore[index]
+        self.ema_dice = mean if self.ema_dice is None else 0.9 * self.ema_dice + 0.1 * mean
+        record["ema_dice"] = self.ema_dice
+        if self.ema_dice > self.best_ema:
+            self.best_ema = self.ema_dice
+            record["best"] = True
+            _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def _progress(steps: range, desc: str, enabled: bool):
+    if not enabled:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _format(record: Dict[str, object], epochs: int) -> str:
+    parts = [f"epoch {int(record['epoch']) + 1}/{epochs}", f"r={record['r']:.3f}", f"lr={record['lr']:.2e}"]
+    parts.append(f"loss={record.get('loss', math.nan):.4f}")
+    if "expert" in record:
+        parts.append(f"(expert {record['expert']:.4f} x{record['weight']:.3f}, fused {record['fused']:.4f})")
+    dice = record.get("val_dice") or {}
+    if dice:
+        parts.append("val Dice " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))
+    if "ema_dice" in record:
+        parts.append(f"ema {record['ema_dice']:.3f}" + (" *" if record.get("best") else ""))
+    parts.append(f"{record['seconds']:.0f} s")
+    return " | ".join(parts)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_unet(in_channels: int, num_classes: int, **topology) -> PlainConvUNet:
+    """A deep-supervised plain U-Net (expert or universal baseline) from a topology dict."""
+    return PlainConvUNet(in_channels, num_classes, deep_supervision=True, **topology)
+
+
+def cache_cases(datalist: Sequence[Dict[str, object]], preprocessing: Compose) -> List[Dict[str, object]]:
+    """Applies the deterministic preprocessing once and keeps the cases in memory (with their metadata fields)."""
+    cached = []
+    for item in datalist:
+        data = preprocessing(dict(item))
+        cached.append({**item, "image": torch.as_tensor(data["image"]), "label": torch.as_tensor(data["label"])})
+    return cached

@@ -1,0 +1,95 @@
+"""MoME loss: nnU-Net deep-supervision weights, curriculum weights, per-sample routing of the expert loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scripts.losses import MoMELoss, curriculum_weight, deep_supervision_weights, nnunet_deep_supervision_loss
+
+
+def test_deep_supervision_weights_match_nnunet():
+    assert deep_supervision_weights(5) == pytest.approx([0.5333333, 0.2666667, 0.1333333, 0.0666667, 0.0])
+    assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert deep_supervision_weights(1) == [1.0]
+    with pytest.raises(ValueError):
+        deep_supervision_weights(0)
+
+
+@pytest.mark.parametrize(
+    ("r", "exponent", "expected"),
+    [(0.0, 2, 1.0), (0.5, 2, 0.25), (1.0, 2, 0.0), (0.0, 3, 1.0), (0.5, 3, 0.125), (1.0, 3, 0.0)],
+)
+def test_curriculum_weight(r, exponent, expected):
+    assert curriculum_weight(r, exponent) == pytest.approx(expected)
+
+
+def test_curriculum_rejects_progress_outside_unit_interval():
+    with pytest.raises(ValueError, match="progress"):
+        curriculum_weight(1.5, 2)
+
+
+def _outputs(num_experts: int = 3, batch: int = 2, size: int = 8, levels: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def pyramid():
+        return [
+            torch.randn(batch, 2, *(size // 2**i,) * 3, generator=generator).requires_grad_() for i in range(levels)
+        ]
+
+    return {"fused": pyramid(), "experts": [pyramid() for _ in range(num_experts)]}
+
+
+def _target(batch: int = 2, size: int = 8) -> torch.Tensor:
+    target = torch.zeros(batch, 1, size, size, size)
+    target[:, :, 2:6, 2:6, 2:6] = 1
+    return target
+
+
+@pytest.mark.parametrize("r", [0.0, 0.5, 1.0])
+def test_loss_is_the_curriculum_mix_of_expert_and_fused_terms(r):
+    outputs, target = _outputs(), _target()
+    terms = MoMELoss(levels=3, curriculum_exponent=2)(outputs, target, torch.tensor([0, 2]), r)
+    weight = (1 - r) ** 2
+    assert float(terms["weight"]) == pytest.approx(weight)
+    expected = weight * terms["expert"] + (1 - weight) * terms["fused"]
+    assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_expert_loss_is_routed_per_sample_by_modality():
+    outputs, target = _outputs(), _target()
+    ds = nnunet_deep_supervision_loss(3)
+    loss = MoMELoss(levels=3)
+    routed = loss.expert_loss(outputs["experts"], target, torch.tensor([2, 0]))
+    expected = ds([lv[0:1] for lv in outputs["experts"][2]], target[0:1])
+    expected = expected + ds([lv[1:2] for lv in outputs["experts"][0]], target[1:2])
+    assert float(routed) == pytest.approx(float(expected), rel=1e-6)  # summed over the batch, as upstream
+
+    # Gradients reach only the routed expert and only through its own sample.
+    routed.backward()
+    for k, levels in enumerate(outputs["experts"]):
+        grad = levels[0].grad
+        sample_has_grad = [bool(grad is not None and grad[b].abs().sum() > 0) for b in range(2)]
+        assert sample_has_grad == [k == 2, k == 0], f"expert {k}"
+
+
+def test_unknown_modality_samples_only_feed_the_fused_loss():
+    outputs, target = _outputs(), _target()
+    loss = MoMELoss(levels=3, expert_reduction="mean")
+    ds = nnunet_deep_supervision_loss(3)
+    only_second = loss.expert_loss(outputs["experts"], target, torch.tensor([-1, 1]))
+    expected = ds([lv[1:2] for lv in outputs["experts"][1]], target[1:2])
+    assert float(only_second) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss.expert_loss(outputs["experts"], target, torch.tensor([-1, -1]))) == 0.0
+    with pytest.raises(ValueError, match="routed to expert 7"):
+        loss.expert_loss(outputs["experts"], target, torch.tensor([7, 0]))
+
+
+def test_expert_reduction_sum_scales_with_batch_and_mean_does_not():
+    outputs, target = _outputs(), _target()
+    index = torch.tensor([1, 1])
+    summed = MoMELoss(3, expert_reduction="sum").expert_loss(outputs["experts"], target, index)
+    mean = MoMELoss(3, expert_reduction="mean").expert_loss(outputs["experts"], target, index)
+    assert float(summed) == pytest.approx(2 * float(mean), rel=1e-6)
+    with pytest.raises(ValueError):
+        MoMELoss(3, expert_reduction="max")

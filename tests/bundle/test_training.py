@@ -1,0 +1,217 @@
+"""Training loop: sampling, splits, routing by dataset modality, resume equality, a smoke run, expert loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, RandFlipd, RandGaussianNoised
+
+from scripts.networks import MoME
+from scripts.training import (
+    PatchSampler,
+    Trainer,
+    build_unet,
+    load_experts,
+    modality_index,
+    poly_lr,
+    read_datalist,
+    split_by_subject,
+)
+
+MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+TOPOLOGY = {
+    "features_per_stage": [4, 8, 16],
+    "kernel_sizes": [3, 3, 3],
+    "strides": [1, 2, 2],
+    "n_conv_per_stage": [1, 1, 1],
+    "n_conv_per_stage_decoder": [1, 1],
+}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cases(n: int = 6, size: int = 24, seed: int = 0) -> list[dict]:
+    """Blobs that are bright in every 'modality': a learnable toy task."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    zz, yy, xx = np.mgrid[:size, :size, :size]
+    for i in range(n):
+        centre = rng.integers(6, size - 6, size=3)
+        label = ((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 16).astype(np.uint8)
+        image = rng.normal(0, 1, (size,) * 3) + 2.5 * label
+        cases.append(
+            {
+                "image": torch.from_numpy(image[None].astype(np.float32)),
+                "label": torch.from_numpy(label[None]),
+                "modality": MODALITIES[i % 5],
+                "subject": f"s{i // 2}",
+            }
+        )
+    return cases
+
+
+def _trainer(tmp_path: Path, network, cases, **kwargs) -> Trainer:
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    augmentation = Compose(
+        [RandFlipd(["image", "label"], prob=0.5, spatial_axis=0), RandGaussianNoised("image", prob=0.5, std=0.1)]
+    )
+    options = {"epochs": 4, "iterations_per_epoch": 2, "batch_size": 2, "initial_lr": 0.01, "progress": False}
+    options.update({"augmentation": augmentation, "seed": 3, **kwargs})
+    return Trainer(network, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options)
+
+
+def _mome(seed: int = 0) -> MoME:
+    torch.manual_seed(seed)
+    return MoME(5, 1, 2, **TOPOLOGY)
+
+
+def test_modality_index_and_poly_lr():
+    assert modality_index("FLAIR", MODALITIES) == 3 and modality_index("pd", MODALITIES) == -1
+    assert poly_lr(0.01, 0, 800) == 0.01
+    assert poly_lr(0.01, 400, 800) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def test_sampler_is_a_function_of_iteration_and_oversamples_foreground():
+    cases = _cases()
+    for case in cases:
+        case["expert"] = modality_index(case["modality"], MODALITIES)
+    augmentation = Compose([RandGaussianNoised("image", prob=1.0, std=0.1)])
+    sampler = PatchSampler(cases, (16, 16, 16), batch_size=2, augmentation=augmentation, seed=1)
+    first, again = sampler.batch(7), sampler.batch(7)
+    torch.testing.assert_close(first["image"], again["image"])
+    assert not torch.equal(first["image"], sampler.batch(8)["image"])
+    # With B = 2 the second sample is always centred on a lesion (nnU-Net's 0.33 oversampling).
+    assert all(sampler.batch(i)["label"][1].sum() > 0 for i in range(10))
+    assert first["image"].shape == (2, 1, 16, 16, 16) and first["expert"].dtype == torch.int64
+
+
+def test_split_keeps_subjects_together_and_is_deterministic():
+    cases = [{"image": f"{s}_{m}", "subject": s, "modality": m} for s in "abcdefghij" for m in MODALITIES]
+    train, val = split_by_subject(cases, 0.2, 0, "train"), split_by_subject(cases, 0.2, 0, "val")
+    assert len(val) == 10 and len(train) == 40
+    assert not {c["subject"] for c in train} & {c["subject"] for c in val}
+    assert val == split_by_subject(cases, 0.2, 0, "val")
+
+
+def test_read_datalist_uses_the_modality_field(tmp_path):
+    entries = [
+        {"image": "imagesTr/x_flair_0000.nii.gz", "label": "labelsTr/x_flair.nii.gz", "modality": "t2"},
+        {"image": "imagesTr/y_0000.nii.gz", "label": "labelsTr/y.nii.gz", "modality": "flair"},
+    ]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": entries}))
+    cases = read_datalist(str(tmp_path / "dataset.json"), ["flair"])
+    # The file name says flair, the dataset says t2: the dataset wins (no substring parsing).
+    assert [Path(c["image"]).name for c in cases] == ["y_0000.nii.gz"]
+    assert Path(cases[0]["image"]).is_absolute()
+    (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
+    with pytest.raises(ValueError, match="no 'modality' field"):
+        read_datalist(str(tmp_path / "bad.json"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """4 iterations in one go == 2 iterations, a new process-like Trainer resuming, 2 more iterations."""
+    cases = _cases()
+    straight = _trainer(tmp_path / "a", _mome(), cases)
+    straight.run()
+
+    first = _trainer(tmp_path / "b", _mome(), cases, max_iterations=4)
+    first.run()
+    resumed = _trainer(tmp_path / "b", _mome(seed=99), cases)  # different init: everything must come from disk
+    resumed.run()
+    assert resumed.start_epoch == 2
+
+    final_a, final_b = straight.network.state_dict(), resumed.network.state_dict()
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=0, atol=0, msg=key)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert [r["r"] for r in log] == [0.0, 0.25, 0.5, 0.75]
+    assert {"loss", "expert", "fused", "weight", "val_dice", "lr"} <= set(log[-1])
+
+
+def test_checkpoint_restores_every_expert_and_the_optimizer(tmp_path):
+    trainer = _trainer(tmp_path, _mome(), _cases(), max_iterations=2)
+    trainer.run()
+    state = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    for k in range(5):  # upstream's resume forgets network4 (FLAIR)
+        assert any(key.startswith(f"experts.{k}.") for key in state["network"])
+    assert any(key.startswith("gate.") for key in state["network"])
+    assert state["optimizer"]["state"], "momentum buffers are saved"
+    assert state["epoch"] == 1
+
+
+def test_smoke_training_decreases_the_loss(tmp_path):
+    torch.manual_seed(0)
+    network = build_unet(1, 2, **TOPOLOGY)
+    trainer = _trainer(tmp_path, network, _cases(), epochs=6, iterations_per_epoch=5, augmentation=None)
+    history = trainer.run()
+    losses = [r["loss"] for r in history]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "model_final.pt").is_file()
+
+
+def test_mome_smoke_training_decreases_both_loss_terms(tmp_path):
+    trainer = _trainer(tmp_path, _mome(), _cases(), epochs=5, iterations_per_epoch=4, augmentation=None)
+    history = trainer.run()
+    assert history[-1]["fused"] < history[0]["fused"] and history[-1]["expert"] < history[0]["expert"]
+    assert history[0]["weight"] == 1.0 and history[-1]["weight"] == pytest.approx(0.2**2)
+
+
+def test_load_experts_and_optional_head_reinit(tmp_path):
+    paths = []
+    for k in range(5):
+        torch.manual_seed(k)
+        expert = build_unet(1, 2, **TOPOLOGY)
+        paths.append(tmp_path / f"e{k}.pt")
+        torch.save(expert.state_dict(), paths[-1])
+    kept = load_experts(_mome(), [str(p) for p in paths])
+    for k, path in enumerate(paths):
+        source = torch.load(path, weights_only=True)
+        for key, value in kept.experts[k].state_dict().items():
+            torch.testing.assert_close(value, source[key])
+    reset = load_experts(_mome(), [str(p) for p in paths], reinit_heads=True)
+    source = torch.load(paths[0], weights_only=True)
+    assert torch.equal(reset.experts[0].encoder[0][0].conv.weight, source["encoder.0.0.conv.weight"])
+    assert not torch.equal(reset.experts[0].heads[0].weight, source["heads.0.weight"])
+    with pytest.raises(FileNotFoundError, match="expert checkpoint not found"):
+        load_experts(_mome(), [str(tmp_path / "missing.pt")] * 5)
+
+
+def test_bundle_train_configs_run_from_the_command_line(tmp_path):
+    """`monai.bundle run` with train_expert.json then train.json on a tiny generated dataset."""
+    bundle = REPO / "bundle"
+    env = {**os.environ, "PYTHONPATH": str(bundle)}
+    data = tmp_path / "data"
+    subprocess.run(
+        [sys.executable, "-m", "scripts.synthetic", "--out", str(data), "--cases", "3", "--seed", "0",
+         "--spacing", "4", "--quiet"],
+        cwd=bundle, env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    small = ["--patch_size", "[16,16,16]", "--features_per_stage", "[4,8,16,32]", "--val_fraction", "0.34"]
+    small += ["--epochs", "1", "--iterations_per_epoch", "2", "--progress", "False", "--dataset_dir", str(data)]
+
+    def run(config: str, *extra: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}"]
+        return subprocess.run(
+            [*args, "--bundle_root", ".", *small, *extra], cwd=bundle, env=env, capture_output=True, text=True
+        )
+
+    experts = []
+    for modality in MODALITIES:
+        out = tmp_path / "experts" / modality
+        result = run("train_expert.json", "--expert_modality", modality, "--output_dir", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        experts.append(str(out / "model.pt"))
+    result = run("train.json", "--output_dir", str(tmp_path / "mome"), "--expert_checkpoints", json.dumps(experts))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 1/1" in result.stderr and "val Dice t1" in result.stderr
+    state = torch.load(tmp_path / "mome" / "model.pt", weights_only=True)
+    expert_state = torch.load(experts[3], weights_only=True)
+    assert state["experts.3.encoder.0.0.conv.weight"].shape == expert_state["encoder.0.0.conv.weight"].shape
