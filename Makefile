@@ -24,7 +24,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RUN_ENV) $(PY) -m app.demo --workdir .demo
 
-# Trains the demo MoME and an equal-compute U-Net on synthetic data, evaluates both (about 90 min on 2 cores);
+# Trains the demo MoME and an equal-compute U-Net on synthetic data, evaluates both (about 2 h on 2 cores);
 # results in bench/results/. Interrupted runs continue where they stopped.
 bench: $(STAMP)
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench --parallel

@@ -119,19 +119,3 @@ def test_train_configs_share_the_inference_architecture():
     configs["train_expert"] = json.loads((TEMPLATE / "configs/train_expert.json").read_text())
     for key in ARCHITECTURE_IDS:
         assert configs["train"][key] == configs["inference"][key] == configs["train_expert"][key], key
-
-
-def test_shipped_demo_weights_match_the_template_and_are_labelled_as_demo():
-    weights = TEMPLATE / "models/model.pt"
-    assert weights.is_file() and weights.stat().st_size < 12 * 2**20
-    workflow = create_workflow(
-        workflow_type="inference",
-        config_file=str(TEMPLATE / "configs/inference.json"),
-        meta_file=str(TEMPLATE / "configs/metadata.json"),
-        bundle_root=str(TEMPLATE),
-    )
-    network = workflow.parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(weights, weights_only=True), strict=True)
-    meta = json.loads((TEMPLATE / "configs/metadata.json").read_text())
-    assert "synthetic" in meta["description"].lower() and "not for clinical" in meta["description"].lower()
-    assert meta["demo_model"]["training_command"]
