@@ -190,13 +190,9 @@ def make_eval_bundle(model_dir: Path, target: Path, features: list[int] | None, 
     if features:
         config["features_per_stage"] = features
     if unet:
-        config["network_def"] = {
-            "_target_": "scripts.training.build_unet",
-            "in_channels": "@in_channels",
-            "num_classes": "@num_classes",
-            **{k: f"@{k}" for k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage")},
-            "n_conv_per_stage_decoder": "@n_conv_per_stage_decoder",
-        }
+        arguments = ("in_channels", "num_classes", "features_per_stage", "kernel_sizes", "strides")
+        arguments += ("n_conv_per_stage", "n_conv_per_stage_decoder")
+        config["network_def"] = {"_target_": "scripts.training.build_unet", **{k: f"@{k}" for k in arguments}}
     config_path.write_text(json.dumps(config, indent=4))
     return target
 
@@ -223,7 +219,7 @@ def summary_markdown(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     mome, unet = report["mome"]["per_modality"], report["unet"]["per_modality"]
-    for modality in [*MODALITIES]:
+    for modality in MODALITIES:
         if modality in mome:
             a, b = mome[modality]["dice"], unet[modality]["dice"]
             lines.append(f"| {modality} | {mome[modality]['n']} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")

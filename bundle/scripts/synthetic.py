@@ -157,8 +157,7 @@ def _warped_anatomy(rng: np.random.Generator, spacing: float) -> torch.Tensor:
     matrix = _rotation(np.deg2rad(rng.uniform(-6, 6, size=3))) @ np.diag(1.0 / scale)
     shift_vox = rng.uniform(-4, 4, size=3) / spacing
     centre = (np.array(shape) - 1) / 2
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    coords = _world_coordinates(shape, np.eye(4))  # voxel indices
     mapped = (coords - torch.from_numpy(centre).float()) @ torch.from_numpy(matrix.T).float()
     mapped = mapped + torch.from_numpy(centre + shift_vox).float()
     control = tuple(max(2, int(round(n * spacing / 40))) for n in shape)
@@ -168,6 +167,7 @@ def _warped_anatomy(rng: np.random.Generator, spacing: float) -> torch.Tensor:
 
 
 def _world_coordinates(shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
+    """``affine`` applied to every voxel index of ``shape``: an (X, Y, Z, 3) float32 tensor."""
     axes = [torch.arange(n, dtype=torch.float32) for n in shape]
     ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return ijk @ torch.from_numpy(affine[:3, :3].T).float() + torch.from_numpy(affine[:3, 3]).float()
@@ -340,9 +340,7 @@ def _to_native(
     transform[:3, :3] = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))) * rng.uniform(0.9, 1.1)
     transform[:3, 3] = rng.uniform(-20, 20, size=3)
     voxel = np.linalg.inv(affine) @ transform @ native_affine  # native voxel -> MoME-space voxel
-    axes = [torch.arange(n, dtype=torch.float32) for n in native_shape]
-    ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    coords = ijk @ torch.from_numpy(voxel[:3, :3].T).float() + torch.from_numpy(voxel[:3, 3]).float()
+    coords = _world_coordinates(native_shape, voxel)
     volume = torch.from_numpy(np.stack([image, label.astype(np.float32)]))
     moved = _sample_grid(volume, coords).numpy()
     return moved[0], (moved[1] > 0.5).astype(np.uint8), native_affine, transform
