@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from app.bundle_path import use_bundle_scripts
 
-__all__ = ["convert_main", "eval_main"]
+__all__ = ["convert_main", "eval_main", "seg_main"]
 
 
 def convert_main(argv: Sequence[str] | None = None) -> int:
@@ -31,3 +31,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 2
     use_bundle_scripts(args.model)
     return run(args)
+
+
+def seg_main(argv: Sequence[str] | None = None) -> int:
+    """``mome-seg INPUT -o OUTDIR``: native-space NIfTI -> lesion mask on the same grid + report."""
+    from app.cli_seg import main
+
+    return main(sys.argv[1:] if argv is None else argv)

@@ -3,9 +3,12 @@
 Every subject starts from the MNI152 2009a grey/white-matter maps (``resources/mni152_2009a``), warped by a random
 affine and a smooth deformation so that no two brains are alike. One lesion type is drawn per subject and built as soft
 compartments (glioma: necrotic core, enhancing rim, oedema; acute/chronic ischaemic stroke; white-matter
-hyperintensities). The subject is then rendered into the five MoME contrasts with per-tissue and per-compartment
-intensities, a bias field, Rician noise, a random point-spread function (slice thickness), gamma and scale. The label
-is the whole lesion (MoME's single "lesion" class), identical for the five contrasts of a subject.
+hyperintensities). The subject is then rendered with per-tissue and per-compartment intensities, a bias field, Rician
+noise, a random point-spread function (slice thickness), gamma and scale into the contrasts in which the public
+datasets MoME was trained on image and label that lesion type (``LESION_CONTRASTS``: glioma as BraTS in T1, T1ce, T2
+and FLAIR; acute stroke as ISLES in DWI; chronic stroke as ATLAS in T1; WMH/MS as WMH2017 and MSSEG in T1, T1ce, T2
+and FLAIR), or into every contrast with ``--all-contrasts``. The label is the whole lesion (MoME's single "lesion"
+class), identical for all contrasts of a subject.
 
 Output (nnU-Net layout; one case per subject and contrast)::
 
@@ -16,6 +19,7 @@ Output (nnU-Net layout; one case per subject and contrast)::
 Command line (from the bundle root)::
 
     python -m scripts.synthetic --out DIR --cases N --seed S [--spacing 2] [--modalities t1 flair] [--native]
+                                [--lesion-types glioma=1,wmh=2] [--all-contrasts]
 
 Each subject is generated from ``numpy.random.default_rng([seed, index])`` only, so a dataset is reproducible and
 subject ``i`` does not depend on ``--cases``.
@@ -29,7 +33,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -38,8 +41,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .template import TISSUE_SIGNAL, sample_at_voxels, template_grid, template_maps, voxel_to_world
+
 __all__ = [
     "GENERATOR_VERSION",
+    "LESION_CONTRASTS",
     "LESION_TYPES",
     "MODALITIES",
     "Subject",
@@ -50,23 +56,21 @@ __all__ = [
     "template_grid",
 ]
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 LESION_TYPES = ("glioma", "stroke_acute", "stroke_chronic", "wmh")
-DEFAULT_LESION_WEIGHTS = {"glioma": 0.3, "stroke_acute": 0.2, "stroke_chronic": 0.2, "wmh": 0.3}
-RESOURCES = Path(__file__).resolve().parents[1] / "resources" / "mni152_2009a"
-# MoME space: the 1 mm template cropped to [20:180, 20:216, 0:160] (mome-method.md section 3.2).
-CROP = ((20, 180), (20, 216), (0, 160))
-TEMPLATE_ORIGIN = np.array([-98.0, -134.0, -72.0])
-
-# Relative signal of CSF, grey and white matter per contrast (1.5-3 T clinical sequences, roughly).
-TISSUE_SIGNAL: Dict[str, Tuple[float, float, float]] = {
-    "t1": (0.22, 0.55, 0.80),
-    "t1ce": (0.24, 0.56, 0.78),
-    "t2": (1.00, 0.62, 0.45),
-    "flair": (0.10, 0.62, 0.48),
-    "dwi": (0.14, 0.60, 0.50),
+# Contrasts in which each lesion type is imaged and labelled in MoME's training datasets (mome-method.md section 3.1):
+# BraTS (glioma) and MSSEG (MS) in T1/T1ce/T2/FLAIR, WMH2017 in T1/FLAIR, ATLAS (chronic stroke) in T1, ISLES (acute
+# stroke) in DWI.
+LESION_CONTRASTS: Dict[str, Tuple[str, ...]] = {
+    "glioma": ("t1", "t1ce", "t2", "flair"),
+    "stroke_acute": ("dwi",),
+    "stroke_chronic": ("t1",),
+    "wmh": ("t1", "t1ce", "t2", "flair"),
 }
+# Per 100 subjects this gives about 70 T1, 55 T1ce, 55 T2, 55 FLAIR and 30 DWI cases.
+DEFAULT_LESION_WEIGHTS = {"glioma": 0.3, "stroke_acute": 0.3, "stroke_chronic": 0.15, "wmh": 0.25}
+
 # Relative signal of each lesion compartment per contrast (order of MODALITIES).
 COMPARTMENT_SIGNAL: Dict[str, Tuple[float, float, float, float, float]] = {
     "oedema": (0.48, 0.48, 0.85, 0.95, 0.66),
@@ -98,34 +102,6 @@ class Subject:
     affine: np.ndarray  # 4x4 voxel -> RAS mm
 
 
-def template_grid(spacing: float) -> Tuple[Tuple[int, int, int], np.ndarray]:
-    """Shape and affine of MoME space (the cropped template) resampled to ``spacing`` mm."""
-    extent = np.array([hi - lo for lo, hi in CROP], dtype=float)
-    shape = tuple(int(round(e / spacing)) for e in extent)
-    voxel = extent / np.array(shape)
-    first_centre = TEMPLATE_ORIGIN + np.array([lo for lo, _ in CROP]) - 0.5 + voxel / 2
-    affine = np.diag([*voxel, 1.0])
-    affine[:3, 3] = first_centre
-    return shape, affine  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=4)
-def _template_maps(spacing: float) -> torch.Tensor:
-    """CSF, GM, WM fractions and the brain mask of MoME space at ``spacing`` mm, shape (4, X, Y, Z)."""
-    (x0, x1), (y0, y1), (z0, z1) = CROP
-
-    def load(name: str) -> np.ndarray:
-        data = np.asarray(nib.load(RESOURCES / f"{name}.nii.gz").dataobj, dtype=np.float32)
-        return data[x0:x1, y0:y1, z0:z1]
-
-    brain = load("brainmask_from_MoME")
-    gm, wm = load("gm") / 255.0 * brain, load("wm") / 255.0 * brain
-    csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    maps = torch.from_numpy(np.stack([csf, gm, wm, brain]))[None]
-    shape, _ = template_grid(spacing)
-    return F.interpolate(maps, size=shape, mode="area")[0] if tuple(maps.shape[2:]) != shape else maps[0]
-
-
 def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], control: Sequence[int]) -> torch.Tensor:
     """Zero-mean, unit-variance random field that varies on the scale of ``shape / control``."""
     coarse = torch.from_numpy(rng.standard_normal((1, 1, *control)).astype(np.float32))
@@ -141,36 +117,21 @@ def _rotation(angles: Sequence[float]) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _sample_grid(volume: torch.Tensor, voxel_coords: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Samples ``volume`` (C, X, Y, Z) at fractional voxel coordinates (..., 3) in (x, y, z) order; zero outside."""
-    size = torch.tensor(volume.shape[1:], dtype=voxel_coords.dtype)
-    normalised = 2.0 * voxel_coords / (size - 1) - 1.0
-    grid = normalised.flip(-1)[None]  # grid_sample wants (W, H, D) = (z, y, x) order for a (C, X, Y, Z) input
-    return F.grid_sample(volume[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-
-
 def _warped_anatomy(rng: np.random.Generator, spacing: float) -> torch.Tensor:
     """The template maps under a random affine (scale, rotation, shift) and a smooth deformation."""
-    maps = _template_maps(spacing)
+    maps = template_maps(spacing)
     shape = maps.shape[1:]
     scale = rng.uniform(0.92, 1.08, size=3)
     matrix = _rotation(np.deg2rad(rng.uniform(-6, 6, size=3))) @ np.diag(1.0 / scale)
     shift_vox = rng.uniform(-4, 4, size=3) / spacing
     centre = (np.array(shape) - 1) / 2
-    coords = _world_coordinates(shape, np.eye(4))  # voxel indices
+    coords = voxel_to_world(shape, np.eye(4))  # voxel indices
     mapped = (coords - torch.from_numpy(centre).float()) @ torch.from_numpy(matrix.T).float()
     mapped = mapped + torch.from_numpy(centre + shift_vox).float()
     control = tuple(max(2, int(round(n * spacing / 40))) for n in shape)
     amplitude = rng.uniform(1.0, 3.0) / spacing
     displacement = torch.stack([_smooth_noise(rng, shape, control) for _ in range(3)], dim=-1) * amplitude
-    return _sample_grid(maps, mapped + displacement)
-
-
-def _world_coordinates(shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
-    """``affine`` applied to every voxel index of ``shape``: an (X, Y, Z, 3) float32 tensor."""
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    return ijk @ torch.from_numpy(affine[:3, :3].T).float() + torch.from_numpy(affine[:3, 3]).float()
+    return sample_at_voxels(maps, mapped + displacement)
 
 
 def _pick_centre(rng: np.random.Generator, weight: torch.Tensor, world: torch.Tensor) -> np.ndarray:
@@ -252,7 +213,7 @@ def generate_subject(
     brain = (brain > 0.5).float()
     tissues = tissues * brain
     shape, affine = template_grid(spacing)
-    world = _world_coordinates(shape, affine)
+    world = voxel_to_world(shape, affine)
     if lesion_type == "glioma":
         compartments = _glioma(rng, world, tissues, brain)
     elif lesion_type in ("stroke_acute", "stroke_chronic"):
@@ -340,9 +301,9 @@ def _to_native(
     transform[:3, :3] = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))) * rng.uniform(0.9, 1.1)
     transform[:3, 3] = rng.uniform(-20, 20, size=3)
     voxel = np.linalg.inv(affine) @ transform @ native_affine  # native voxel -> MoME-space voxel
-    coords = _world_coordinates(native_shape, voxel)
+    coords = voxel_to_world(native_shape, voxel)
     volume = torch.from_numpy(np.stack([image, label.astype(np.float32)]))
-    moved = _sample_grid(volume, coords).numpy()
+    moved = sample_at_voxels(volume, coords).numpy()
     return moved[0], (moved[1] > 0.5).astype(np.uint8), native_affine, transform
 
 
@@ -367,8 +328,13 @@ def generate_dataset(
     lesion_weights: Dict[str, float] | None = None,
     native: bool = False,
     progress: bool = False,
+    all_contrasts: bool = False,
 ) -> Path:
-    """Writes ``cases`` subjects x ``modalities`` to ``out`` and returns the dataset JSON path."""
+    """Writes ``cases`` subjects to ``out`` and returns the dataset JSON path.
+
+    Each subject gives one case per contrast in ``modalities`` that its lesion type is imaged in
+    (``LESION_CONTRASTS``), or per contrast in ``modalities`` when ``all_contrasts`` is set.
+    """
     images, labels = out / "imagesTr", out / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
@@ -378,7 +344,10 @@ def generate_dataset(
         rng = np.random.default_rng([seed, index])
         subject = generate_subject(rng, spacing, lesion_weights)
         name = f"syn_s{seed}_{index:04d}"
-        for modality in modalities:
+        contrasts = (
+            modalities if all_contrasts else [m for m in modalities if m in LESION_CONTRASTS[subject.lesion_type]]
+        )
+        for modality in contrasts:
             image, label, affine = render(subject, modality, rng), subject.label, subject.affine
             entry = {"case": f"{name}_{modality}", "subject": name, "modality": modality}
             entry["lesion_type"] = subject.lesion_type
@@ -412,6 +381,7 @@ def generate_dataset(
             "spacing_mm": spacing,
             "space": "native" if native else "mome",
             "lesion_weights": lesion_weights or DEFAULT_LESION_WEIGHTS,
+            "contrasts": "all" if all_contrasts else LESION_CONTRASTS,
         },
         "training": entries,
     }
@@ -436,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m scripts.synthetic --out DIR --cases N --seed S``."""
     parser = argparse.ArgumentParser(prog="python -m scripts.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--cases", type=int, required=True, help="subjects (one case per modality)")
+    parser.add_argument("--cases", type=int, required=True, help="subjects (one case per contrast they are imaged in)")
     parser.add_argument("--seed", type=int, required=True, help="dataset seed; use different seeds for held-out sets")
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (2: 80x98x80, 1: 160x196x160)")
     parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
@@ -444,14 +414,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lesion-types", type=_parse_weights, default=None, help="e.g. 'glioma=1,wmh=2' (default: all four)"
     )
     parser.add_argument("--native", action="store_true", help="resample each case onto a random scanner grid")
+    parser.add_argument(
+        "--all-contrasts", action="store_true", help="render every subject in every --modalities contrast"
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.cases < 1 or args.spacing <= 0:
         parser.error("--cases must be >= 1 and --spacing > 0")
     path = generate_dataset(
-        args.out, args.cases, args.seed, args.spacing, args.modalities, args.lesion_types, args.native, not args.quiet
+        args.out,
+        args.cases,
+        args.seed,
+        args.spacing,
+        args.modalities,
+        args.lesion_types,
+        args.native,
+        not args.quiet,
+        args.all_contrasts,
     )
-    print(f"wrote {args.cases * len(args.modalities)} cases to {path.parent} ({path.name})")
+    written = len(json.loads(path.read_text())["training"])
+    print(f"wrote {written} cases of {args.cases} subjects to {path.parent} ({path.name})")
     return 0
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from scripts import synthetic
-from scripts.synthetic import MODALITIES, generate_dataset, generate_subject, render, template_grid
+from scripts.synthetic import LESION_CONTRASTS, MODALITIES, generate_dataset, generate_subject, render, template_grid
 
 SPACING = 2.5  # 64 x 78 x 64: fast, and lesions stay several voxels wide
 
@@ -40,8 +40,8 @@ def test_generation_is_deterministic_per_seed_and_subject():
 
 
 def test_subject_does_not_depend_on_dataset_size(tmp_path):
-    generate_dataset(tmp_path / "one", 1, seed=5, spacing=4.0, modalities=["t2"])
-    generate_dataset(tmp_path / "two", 2, seed=5, spacing=4.0, modalities=["t2"])
+    generate_dataset(tmp_path / "one", 1, seed=5, spacing=4.0, modalities=["t2"], all_contrasts=True)
+    generate_dataset(tmp_path / "two", 2, seed=5, spacing=4.0, modalities=["t2"], all_contrasts=True)
     name = "imagesTr/syn_s5_0000_t2_0000.nii.gz"
     first = np.asarray(nib.load(tmp_path / "one" / name).dataobj)
     np.testing.assert_array_equal(first, np.asarray(nib.load(tmp_path / "two" / name).dataobj))
@@ -71,7 +71,7 @@ def test_lesion_contrast_depends_on_type_and_modality(lesion, modality, brighter
 
 
 def test_dataset_layout_labels_and_json(tmp_path):
-    path = generate_dataset(tmp_path, 2, seed=2, spacing=SPACING)
+    path = generate_dataset(tmp_path, 2, seed=2, spacing=SPACING, all_contrasts=True)
     dataset = json.loads(path.read_text())
     assert dataset["numTraining"] == 2 * len(MODALITIES) == len(dataset["training"])
     assert dataset["labels"] == {"background": 0, "lesion": 1} and dataset["modalities"] == list(MODALITIES)
@@ -95,8 +95,21 @@ def test_dataset_layout_labels_and_json(tmp_path):
         assert all(np.array_equal(masks[0], m) for m in masks[1:])
 
 
+def test_default_contrasts_follow_the_source_datasets(tmp_path):
+    path = generate_dataset(tmp_path, 12, seed=9, spacing=8.0)
+    dataset = json.loads(path.read_text())
+    by_subject = {}
+    for entry in dataset["training"]:
+        by_subject.setdefault((entry["subject"], entry["lesion_type"]), []).append(entry["modality"])
+    assert len(by_subject) == 12  # every lesion type is imaged in at least one contrast
+    for (_, lesion_type), contrasts in by_subject.items():
+        assert contrasts == list(LESION_CONTRASTS[lesion_type])
+    assert {t for _, t in by_subject} >= {"glioma", "stroke_acute", "wmh"}
+    assert dataset["generator"]["contrasts"]["stroke_acute"] == ["dwi"]
+
+
 def test_native_space_cases_record_their_transform(tmp_path):
-    path = generate_dataset(tmp_path, 1, seed=7, spacing=4.0, modalities=["flair"], native=True)
+    path = generate_dataset(tmp_path, 1, seed=7, spacing=4.0, modalities=["flair"], native=True, all_contrasts=True)
     entry = json.loads(path.read_text())["training"][0]
     image = nib.load(tmp_path / entry["image"])
     label = np.asarray(nib.load(tmp_path / entry["label"]).dataobj)
@@ -112,8 +125,9 @@ def test_native_space_cases_record_their_transform(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    assert synthetic.main(["--out", str(tmp_path), "--cases", "1", "--seed", "0", "--spacing", "4", "--quiet"]) == 0
-    assert "wrote 5 cases" in capsys.readouterr().out
+    common = ["--cases", "1", "--seed", "0", "--spacing", "4", "--quiet"]
+    assert synthetic.main(["--out", str(tmp_path / "all"), *common, "--all-contrasts"]) == 0
+    assert "wrote 5 cases of 1 subjects" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         synthetic.main(["--out", str(tmp_path), "--cases", "0", "--seed", "0"])
     assert stop.value.code == 2

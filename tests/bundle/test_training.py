@@ -191,7 +191,7 @@ def test_bundle_train_configs_run_from_the_command_line(tmp_path):
     data = tmp_path / "data"
     subprocess.run(
         [sys.executable, "-m", "scripts.synthetic", "--out", str(data), "--cases", "3", "--seed", "0",
-         "--spacing", "4", "--quiet"],
+         "--spacing", "4", "--all-contrasts", "--quiet"],
         cwd=bundle, env=env, check=True, capture_output=True,
     )  # fmt: skip
     small = ["--patch_size", "[16,16,16]", "--features_per_stage", "[4,8,16,32]", "--val_fraction", "0.34"]

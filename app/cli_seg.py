@@ -1,0 +1,210 @@
+"""``mome-seg``: segment brain lesions in a native-space MR volume; the result is on the input's own grid.
+
+Usage::
+
+    mome-seg INPUT.nii.gz -o OUTDIR [--modality t1|t1ce|t2|flair|dwi] [--model BUNDLE_DIR] [--tta] [--save-mni]
+             [--device cpu|cuda] [--quiet]
+
+Steps: affine registration to the MNI152 2009a template (ITK), resampling into brain-masked MoME space, MoME
+inference with the bundle's inferer, class probabilities mapped back through the inverse transform and argmax on the
+input grid. Writes ``OUTDIR/<name>_seg.nii.gz`` (uint8, the input's shape and affine), ``OUTDIR/report.json`` (modality,
+lesion volume in mL, lesion count, largest lesion, registration quality with warnings, timings, model) and, with
+``--save-mni``, ``<name>_mni.nii.gz`` and ``<name>_mni_seg.nii.gz`` (the registered image and its segmentation on the
+model's MoME-space grid). MoME needs no modality label; ``--modality`` (default: guessed from a ``_t1``/``_flair``...
+file-name suffix) is recorded in the report.
+
+Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected (reason printed; nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["InputRejected", "build_parser", "guess_modality", "load_volume", "main", "run"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MODALITY_SUFFIX = re.compile(r"[_-](t1|t1ce|t2|flair|dwi)(?:_0000)?$", re.IGNORECASE)
+logger = logging.getLogger("mome-seg")
+
+
+class InputRejected(Exception):
+    """The input cannot be segmented; the message names the file and the reason."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mome-seg", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("input", type=Path, help="native-space NIfTI volume (.nii or .nii.gz)")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--modality", choices=MODALITIES, help="recorded in the report (MoME does not need it)")
+    parser.add_argument("--model", type=Path, help="bundle folder (default: the installed bundle, $MOME_BUNDLE)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
+    parser.add_argument("--save-mni", action="store_true", help="also write the image and mask in MoME space")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def guess_modality(path: Path) -> str | None:
+    """Modality from a file-name suffix such as ``_flair`` or ``_t1ce_0000``, else ``None``."""
+    match = MODALITY_SUFFIX.search(nifti_stem(path))
+    return match.group(1).lower() if match else None
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Reads a NIfTI volume as float32 (X, Y, Z) with its RAS affine; rejects what cannot be a 3-D MR volume."""
+    if not path.is_file():
+        raise InputRejected(f"{path}: file not found.")
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise InputRejected(f"{path}: not a NIfTI file (.nii/.nii.gz); DICOM input runs through the Deploy app.")
+    try:
+        image = nib.load(path)
+        array = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises several types for corrupt files
+        raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputRejected(f"{path}: expected one 3-D volume, got shape {array.shape}.")
+    return array, image.affine, image.header
+
+
+def _say(quiet: bool):
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def lesion_summary(labels: np.ndarray, voxel_ml: float) -> dict[str, Any]:
+    """Volume (mL), count and largest lesion (26-connected components) of a label map."""
+    from scripts.metrics import connected_components
+
+    components, count = connected_components(labels > 0)
+    sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, dtype=int)
+    return {
+        "lesion_volume_ml": round(float((labels > 0).sum() * voxel_ml), 3),
+        "lesion_count": int(count),
+        "largest_lesion_ml": round(float(sizes.max() * voxel_ml), 3) if count else 0.0,
+    }
+
+
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
+    image = nib.Nifti1Image(data, affine, header=header)
+    image.set_data_dtype(data.dtype)
+    if header is not None:
+        image.header.set_slope_inter(1.0, 0.0)
+        image.set_qform(affine, code=int(header["qform_code"]) or 1)
+        image.set_sform(affine, code=int(header["sform_code"]) or 1)
+    nib.save(image, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segments ``args.input``; returns the exit code."""
+    from app.bundle_path import default_bundle_dir
+    from scripts.pipeline import MoMESegmenter
+    from scripts.registration import VolumeRejected
+
+    say = _say(args.quiet)
+    total = time.perf_counter()
+    try:
+        array, affine, header = load_volume(args.input)
+        bundle = (args.model or default_bundle_dir()).resolve()
+        say(f"loading the model from {bundle}")
+        segmenter = MoMESegmenter(bundle, device=args.device, tta=args.tta)
+        result = segmenter.segment(array, affine, name=str(args.input), progress=say)
+    except (InputRejected, VolumeRejected) as error:
+        print(f"mome-seg: input rejected: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    except FileNotFoundError as error:
+        print(f"mome-seg: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stem = nifti_stem(args.input)
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    registration = result.registration.to_dict()
+    report = {
+        "input": args.input.name,
+        "modality": args.modality or guess_modality(args.input),
+        "modality_source": "--modality" if args.modality else "file name" if guess_modality(args.input) else None,
+        "shape": list(array.shape),
+        "voxel_size_mm": np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist(),
+        **lesion_summary(result.labels, voxel_ml),
+        "registration": registration,
+        "warnings": list(registration["warnings"]),
+        "model": segmenter.describe(),
+        "tta": bool(args.tta),
+        "outputs": {"segmentation": f"{stem}_seg.nii.gz"},
+    }
+    if args.save_mni:
+        report["outputs"].update(mni_image=f"{stem}_mni.nii.gz", mni_segmentation=f"{stem}_mni_seg.nii.gz")
+    for warning in report["warnings"]:
+        say(f"WARNING: {warning}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out, prefix=".mome-seg-") as staging:
+        staged = Path(staging)
+        _save_nifti(result.labels, affine, staged / report["outputs"]["segmentation"], header)
+        if args.save_mni:
+            _save_nifti(
+                result.mome_image.astype(np.float32), result.mome_affine, staged / report["outputs"]["mni_image"]
+            )
+            _save_nifti(result.mome_labels, result.mome_affine, staged / report["outputs"]["mni_segmentation"])
+        report["seconds"] = {k: round(v, 2) for k, v in {**result.seconds}.items()}
+        report["seconds"]["total"] = round(time.perf_counter() - total, 2)
+        (staged / "report.json").write_text(json.dumps(report, indent=2))
+        for item in staged.iterdir():
+            item.replace(args.out / item.name)
+    say(
+        f"done: {report['lesion_volume_ml']} mL in {report['lesion_count']} lesion(s) -> "
+        f"{args.out / report['outputs']['segmentation']}"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; usage errors (and ``--help``) return their exit code instead of raising SystemExit."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    from app.bundle_path import use_bundle_scripts
+
+    try:
+        use_bundle_scripts(args.model)
+        return run(args)
+    except FileNotFoundError as error:
+        print(f"mome-seg: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - the CLI's last line of defence: exit 1 with the traceback
+        logger.exception("mome-seg: internal error")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
