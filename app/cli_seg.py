@@ -11,7 +11,7 @@ input grid. Writes ``OUTDIR/<name>_seg.nii.gz`` (uint8, the input's shape and af
 lesion volume in mL, lesion count, largest lesion, registration quality with warnings, timings, model) and, with
 ``--save-mni``, ``<name>_mni.nii.gz`` and ``<name>_mni_seg.nii.gz`` (the registered image and its segmentation on the
 model's MoME-space grid). MoME needs no modality label; ``--modality`` (default: guessed from a ``_t1``/``_flair``...
-file-name suffix) is recorded in the report.
+file-name suffix) picks the registration template's contrast and is recorded in the report.
 
 Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected (reason printed; nothing is written).
 """
@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         bundle = (args.model or default_bundle_dir()).resolve()
         say(f"loading the model from {bundle}")
         segmenter = MoMESegmenter(bundle, device=args.device, tta=args.tta)
-        result = segmenter.segment(array, affine, name=str(args.input), progress=say)
+        modality = args.modality or guess_modality(args.input)
+        result = segmenter.segment(array, affine, name=str(args.input), modality=modality, progress=say)
     except (InputRejected, VolumeRejected) as error:
         print(f"mome-seg: input rejected: {error}", file=sys.stderr)
         return EXIT_REJECTED
@@ -151,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
     registration = result.registration.to_dict()
     report = {
         "input": args.input.name,
-        "modality": args.modality or guess_modality(args.input),
-        "modality_source": "--modality" if args.modality else "file name" if guess_modality(args.input) else None,
+        "modality": modality,
+        "modality_source": "--modality" if args.modality else "file name" if modality else None,
         "shape": list(array.shape),
         "voxel_size_mm": np.round(np.linalg.norm(affine[:3, :3], axis=0), 4).tolist(),
         **lesion_summary(result.labels, voxel_ml),

@@ -39,6 +39,7 @@ BUNDLE_TEMPLATE = Path(__file__).resolve().parents[1]
 _TEMPLATE_ITEMS = (
     "configs/metadata.json",
     "configs/inference.json",
+    "configs/inference_native.json",
     "configs/train.json",
     "configs/train_expert.json",
     "scripts",

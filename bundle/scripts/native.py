@@ -17,6 +17,7 @@ bundle's ``configs/inference_native.json`` runs native-space NIfTI directly.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Hashable, Mapping
 from typing import Any, Dict, Sequence, Tuple
 
@@ -136,13 +137,23 @@ def probabilities_to_native(
     return labels
 
 
+def _record(value: Any) -> Dict[str, Any] | None:
+    """A registration record from a dict or its JSON string (``None`` stays ``None``)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # a collated batch of one
+        return _record(value[0])
+    return json.loads(value)
+
+
 class NativeToMoMEd(MapTransform):
     """Registers a native image to the template and resamples it into brain-masked MoME space.
 
     Input: ``d[key]`` a channel-first (1, X, Y, Z) MetaTensor with its RAS affine (``LoadImaged`` +
-    ``EnsureChannelFirstd``). Output: the MoME-space image (1, X', Y', Z') with the MoME affine, and
-    ``d[registration_key]``: the registration summary plus ``native_affine``, ``native_shape`` and ``spacing``, which
-    :class:`MoMEToNatived` needs. A precomputed ``d[registration_key]`` with ``native_to_template`` is reused.
+    ``EnsureChannelFirstd``); optionally ``d[modality_key]`` (picks the registration template's contrast). Output: the
+    MoME-space image (1, X', Y', Z') with the MoME affine, and ``d[registration_key]``: a JSON string (it survives
+    MONAI's collation) with the registration summary plus ``native_affine``, ``native_shape`` and ``spacing``, which
+    :class:`MoMEToNatived` needs. A precomputed record with ``native_to_template`` is reused.
     """
 
     def __init__(
@@ -150,10 +161,12 @@ class NativeToMoMEd(MapTransform):
         keys: KeysCollection,
         spacing: float | Sequence[float],
         registration_key: str = "registration",
+        modality_key: str = "modality",
         settings: RegistrationSettings | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.modality_key = modality_key
         spacings = [float(s) for s in (spacing if isinstance(spacing, Sequence) else [spacing] * 3)]
         if max(spacings) - min(spacings) > 1e-6:
             raise ValueError(f"MoME space needs an isotropic model spacing, got {spacings}.")
@@ -169,16 +182,17 @@ class NativeToMoMEd(MapTransform):
             name = str(image.meta.get("filename_or_obj", key)) if isinstance(image, MetaTensor) else str(key)
             array = image[0].detach().cpu().numpy()
             validate_volume(array, affine, name)
-            record = dict(d.get(self.registration_key) or {})
+            record = _record(d.get(self.registration_key)) or {}
             if "native_to_template" not in record:
-                record.update(register_to_template(array, affine, self.settings).to_dict())
+                modality = d.get(self.modality_key)
+                record.update(register_to_template(array, affine, self.settings, modality).to_dict())
             native_to_template = np.asarray(record["native_to_template"], dtype=float)
             mome, mome_affine = to_mome_space(array, affine, native_to_template, self.spacing)
             record.update(native_affine=affine.tolist(), native_shape=list(array.shape), spacing=self.spacing)
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
             meta.update(affine=torch.from_numpy(mome_affine), spatial_shape=np.array(mome.shape))
             d[key] = MetaTensor(mome[None], affine=torch.from_numpy(mome_affine), meta=meta)
-            d[self.registration_key] = record
+            d[self.registration_key] = json.dumps(record)
         return d
 
 
@@ -197,11 +211,11 @@ class MoMEToNatived(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> Dict[Hashable, Any]:
         d = dict(data)
-        record = d.get(self.registration_key)
+        record = _record(d.get(self.registration_key))
         for key in self.key_iterator(d):
             probabilities = d[key]
             if record is None and isinstance(probabilities, MetaTensor):
-                record = probabilities.meta.get(self.registration_key)
+                record = _record(probabilities.meta.get(self.registration_key))
             if record is None:
                 raise KeyError(f"no '{self.registration_key}' record: run NativeToMoMEd in the preprocessing first.")
             affine = np.asarray(record["native_affine"], dtype=float)

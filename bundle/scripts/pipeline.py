@@ -88,15 +88,23 @@ class MoMESegmenter:
         return reverse(torch.softmax(torch.as_tensor(logits).float(), dim=0).cpu())
 
     def segment(
-        self, array: np.ndarray, affine: np.ndarray, name: str = "image", progress: Progress | None = None
+        self,
+        array: np.ndarray,
+        affine: np.ndarray,
+        name: str = "image",
+        modality: str | None = None,
+        progress: Progress | None = None,
     ) -> NativeSegmentation:
-        """Registers, segments and maps back one native (X, Y, Z) volume with its RAS ``affine``."""
+        """Registers, segments and maps back one native (X, Y, Z) volume with its RAS ``affine``.
+
+        ``modality`` only chooses the registration template's contrast; MoME itself needs no modality label.
+        """
         say = progress or (lambda _: None)
         validate_volume(array, affine, name)
         seconds: Dict[str, float] = {}
         started = time.perf_counter()
         say("registering to the MNI152 2009a template")
-        registration = register_to_template(array, affine, self.registration_settings)
+        registration = register_to_template(array, affine, self.registration_settings, modality)
         seconds["registration"] = time.perf_counter() - started
 
         started = time.perf_counter()

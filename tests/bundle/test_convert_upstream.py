@@ -38,6 +38,7 @@ def test_converted_bundle_is_complete_and_adapted(converted_bundle: Path, upstre
     for item in (
         "configs/metadata.json",
         "configs/inference.json",
+        "configs/inference_native.json",
         "models/model.pt",
         "models/model.ts",
         "scripts/networks.py",
