@@ -248,6 +248,12 @@ class Trainer:
         resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
         progress: show a progress bar per epoch.
         max_iterations: stop after this many iterations in total (for smoke tests and budgets); ``None`` = all.
+        gate_warmup_epochs: MoME only. Train only the gate, on the fused loss, for this many first epochs, with the
+            experts frozen (their forward runs without autograd, so an iteration costs about half); the curriculum
+            then runs over the remaining epochs (``r = (epoch - warm-up) / (epochs - warm-up)``). 0 (default) is the
+            authors' recipe. Why: the gate's weights are raw, not softmax-normalised, so at initialisation the fused
+            output is a random signed mix of expert logits (pseudo-Dice 0.02 with five trained experts), and the
+            curriculum gives the fused loss almost no weight while ``r`` is small; short CPU schedules never recover.
     """
 
     def __init__(
@@ -277,12 +283,16 @@ class Trainer:
         resume: bool = True,
         progress: bool = True,
         max_iterations: int | None = None,
+        gate_warmup_epochs: int = 0,
     ) -> None:
         if clip_scope not in ("all", "gate"):
             raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
         self.device = torch.device(device)
         self.network = network.to(self.device)
         self.is_mome = isinstance(network, MoME)
+        if gate_warmup_epochs and not (self.is_mome and 0 <= gate_warmup_epochs < epochs):
+            raise ValueError(f"gate_warmup_epochs={gate_warmup_epochs} needs a MoME and fewer than epochs={epochs}.")
+        self.gate_warmup_epochs = int(gate_warmup_epochs)
         self.channels_last = channels_last and self.device.type == "cpu"
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last_3d)
@@ -397,7 +407,10 @@ class Trainer:
         lr = poly_lr(self.initial_lr, epoch, self.epochs, self.poly_exponent)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        r = epoch / self.epochs
+        warming_up = epoch < self.gate_warmup_epochs
+        if self.is_mome:
+            self.network.experts.requires_grad_(not warming_up)
+        r = 1.0 if warming_up else (epoch - self.gate_warmup_epochs) / (self.epochs - self.gate_warmup_epochs)
         sums: Dict[str, float] = {}
         steps = range(epoch * self.iterations_per_epoch, (epoch + 1) * self.iterations_per_epoch)
         if self.max_iterations is not None:
@@ -410,7 +423,8 @@ class Trainer:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{terms['loss']:.3f}")
         n = max(len(steps), 1)
-        return {"epoch": epoch, "r": r, "lr": lr, **{k: v / n for k, v in sums.items()}, "iterations": len(steps)}
+        record = {"epoch": epoch, "r": r, "lr": lr, **{k: v / n for k, v in sums.items()}, "iterations": len(steps)}
+        return {**record, "gate_warmup": True} if warming_up else record
 
     def run(self) -> List[Dict[str, object]]:
         """Trains until ``epochs`` (or ``max_iterations``); returns the per-epoch history."""
@@ -465,7 +479,8 @@ def _progress(steps: range, desc: str, enabled: bool):
 
 
 def _format(record: Dict[str, object], epochs: int) -> str:
-    parts = [f"epoch {int(record['epoch']) + 1}/{epochs}", f"r={record['r']:.3f}", f"lr={record['lr']:.2e}"]
+    stage = "gate warm-up" if record.get("gate_warmup") else f"r={record['r']:.3f}"
+    parts = [f"epoch {int(record['epoch']) + 1}/{epochs}", stage, f"lr={record['lr']:.2e}"]
     parts.append(f"loss={record.get('loss', math.nan):.4f}")
     if "expert" in record:
         parts.append(f"(expert {record['expert']:.4f} x{record['weight']:.3f}, fused {record['fused']:.4f})")

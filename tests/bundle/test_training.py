@@ -215,3 +215,22 @@ def test_bundle_train_configs_run_from_the_command_line(tmp_path):
     state = torch.load(tmp_path / "mome" / "model.pt", weights_only=True)
     expert_state = torch.load(experts[3], weights_only=True)
     assert state["experts.3.encoder.0.0.conv.weight"].shape == expert_state["encoder.0.0.conv.weight"].shape
+
+
+def test_gate_warmup_trains_only_the_gate_then_runs_the_curriculum(tmp_path):
+    network = _mome(4)
+    experts_before = [p.detach().clone() for p in network.experts.parameters()]
+    gate_before = [p.detach().clone() for p in network.gate.parameters()]
+    trainer = _trainer(tmp_path, network, _cases(), epochs=4, gate_warmup_epochs=2, channels_last=False)
+    trainer.max_iterations = 4  # the two warm-up epochs only
+    history = trainer.run()
+    assert [h.get("gate_warmup") for h in history] == [True, True]
+    assert all(h["r"] == 1.0 and h["weight"] == 0.0 for h in history)  # fused loss only
+    assert all(torch.equal(a, b) for a, b in zip(experts_before, network.experts.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(gate_before, network.gate.parameters()))
+    trainer.max_iterations = None
+    history = trainer.run()  # resumes at epoch 3: the curriculum starts at r = 0 and the experts train again
+    assert [h["r"] for h in history[2:]] == [0.0, 0.5] and "gate_warmup" not in history[2]
+    assert not all(torch.equal(a, b) for a, b in zip(experts_before, network.experts.parameters()))
+    with pytest.raises(ValueError, match="gate_warmup_epochs"):
+        _trainer(tmp_path / "unet", build_unet(1, 2, **TOPOLOGY), _cases(), gate_warmup_epochs=1)
