@@ -24,8 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RUN_ENV) $(PY) -m app.demo --workdir .demo
 
-# Trains the demo MoME and an equal-compute U-Net on synthetic data, evaluates both (about 2 h on 2 cores);
-# results in bench/results/. Interrupted runs continue where they stopped.
+# Trains the demo MoME and an equal-compute U-Net on synthetic data and evaluates both;
+# results in bench/results/. Interrupted runs continue where they stopped. About 5 hours on 2 cores (the held-out
+# evaluation with nnU-Net tiling is a large part of it).
 bench: $(STAMP)
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench --parallel
 
