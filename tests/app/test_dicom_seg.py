@@ -1,0 +1,137 @@
+"""DICOM series -> volume (sorting, geometry checks) and DICOM-SEG on the exact source grid (highdicom round trip)."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from operators.dicom_series import LPS_TO_RAS, SeriesRejected, series_to_volume
+from operators.seg_writer import build_seg, seg_series_number
+from scripts.synthetic import _rotation
+
+SHAPE = (24, 20, 12)  # (columns, rows, slices)
+
+
+def make_series(volume: np.ndarray, affine: np.ndarray, series_number: int = 5) -> list[Dataset]:
+    """Single-frame MR Image Storage instances of an (X, Y, Z) volume with a RAS affine (one per Z slice)."""
+    lps = LPS_TO_RAS @ affine
+    column_spacing, row_spacing = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+    orientation = [*(lps[:3, 0] / column_spacing), *(lps[:3, 1] / row_spacing)]
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    datasets = []
+    for k in range(volume.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Phantom", "P0", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", "1", "", ""
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = "MR", series_number, k + 1, "T2 TSE"
+        ds.Manufacturer, ds.PositionReferenceIndicator = "Test", ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ImageOrientationPatient = [round(float(v), 8) for v in orientation]
+        ds.ImagePositionPatient = [round(float(v), 6) for v in lps[:3] @ np.array([0, 0, k, 1.0])]
+        ds.PixelSpacing = [round(float(row_spacing), 6), round(float(column_spacing), 6)]
+        ds.SliceThickness = round(float(np.linalg.norm(lps[:3, 2])), 6)
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.uint16)).tobytes()
+        datasets.append(ds)
+    return datasets
+
+
+def oblique_affine(flip: bool) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation(np.deg2rad([12.0, -25.0, 33.0])) @ np.diag([0.9, 1.1, 4.0])
+    if flip:  # slices stacked against the normal and a negated row axis
+        affine[:3, 2] *= -1
+        affine[:3, 1] *= -1
+    affine[:3, 3] = [-40.0, 25.0, 10.0]
+    return affine
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_series_becomes_a_volume_on_its_exact_grid_in_any_order(flip):
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 4000, size=SHAPE).astype(np.float32)
+    affine = oblique_affine(flip)
+    datasets = make_series(volume, affine)
+    random.Random(1).shuffle(datasets)
+    result = series_to_volume(datasets)
+    assert result.array.shape == SHAPE
+    # every voxel of the result sits at the world position of the same value in the original
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).reshape(-1, 3)
+    world = index @ result.affine[:3, :3].T + result.affine[:3, 3]
+    original = np.rint((world - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T).astype(int)
+    np.testing.assert_allclose(original @ affine[:3, :3].T + affine[:3, 3], world, atol=1e-3)
+    np.testing.assert_array_equal(volume[tuple(original.T)], result.array[tuple(index.T)])
+    positions = [float(np.dot(np.cross(*np.reshape(d.ImageOrientationPatient, (2, 3))), d.ImagePositionPatient))
+                 for d in result.instances]  # fmt: skip
+    assert positions == sorted(positions)
+
+
+def test_seg_round_trip_one_frame_per_source_slice():
+    volume = np.full(SHAPE, 100.0, dtype=np.float32)
+    datasets = make_series(volume, oblique_affine(True), series_number=7)
+    random.Random(2).shuffle(datasets)
+    series = series_to_volume(datasets)
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[5:12, 3:9, 2:6] = 1
+    labels[20, 15, 9] = 1
+    seg = build_seg(series, labels, "MoME brain lesion MRI segmentation", "0.3.0")
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    read = hd.seg.segread(io.BytesIO(buffer.getvalue()))
+    assert read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and read.SegmentationType == "BINARY"
+    assert int(read.NumberOfFrames) == SHAPE[2]  # empty frames kept
+    assert read.SeriesNumber == seg_series_number(7) == 7007 and "research use" in read.SeriesDescription
+    segment = read.SegmentSequence[0]
+    assert segment.SegmentLabel == "Lesion" and segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "0.3.0"
+    for k, source in enumerate(series.instances):
+        frame = read.get_pixels_by_source_instance(
+            source_sop_instance_uids=[source.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True
+        )[0]
+        np.testing.assert_array_equal(frame, labels[:, :, k].T)
+    empty = build_seg(series, labels, "MoME", "0.3.0", omit_empty_frames=True)
+    assert int(empty.NumberOfFrames) == 5
+
+
+def test_geometry_problems_are_rejected_with_the_series_named():
+    volume = np.ones(SHAPE, dtype=np.float32)
+    base = make_series(volume, oblique_affine(False))
+    uid = base[0].SeriesInstanceUID
+    cases = {
+        "irregular slice spacing": base[:5] + base[6:],
+        "duplicate slice positions": base + [pydicom.dcmread(_roundtrip(base[3]))],
+        "at least 8": base[:4],
+    }
+    tilted = [pydicom.dcmread(_roundtrip(d)) for d in base]
+    tilted[1].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    cases["different orientations"] = tilted
+    for reason, datasets in cases.items():
+        with pytest.raises(SeriesRejected, match=f"series {uid} \\(T2 TSE\\): .*{reason}"):
+            series_to_volume(datasets)
+    series = series_to_volume(base)
+    with pytest.raises(ValueError, match="not on the source grid"):
+        build_seg(series, np.zeros((2, 2, 2), np.uint8), "MoME", "0.3.0")
+    with pytest.raises(ValueError, match=r"label values \[2\]"):
+        build_seg(series, np.full(SHAPE, 2, np.uint8), "MoME", "0.3.0")
+
+
+def _roundtrip(ds: Dataset) -> io.BytesIO:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
