@@ -1,9 +1,15 @@
-"""``mome-seg``: segment brain lesions in a native-space MR volume; the result is on the input's own grid.
+"""``mome-seg``: segment brain lesions in a native-space MR volume or DICOM study; results on the input's own grid.
 
 Usage::
 
     mome-seg INPUT.nii.gz -o OUTDIR [--modality t1|t1ce|t2|flair|dwi] [--model BUNDLE_DIR] [--tta] [--save-mni]
              [--device cpu|cuda] [--quiet]
+    mome-seg DICOM_DIR_OR_ZIP -o OUTDIR [--modalities t1 flair ...] [--all-series] [--rules RULES.json] [...]
+
+DICOM input (a folder tree or a zip, several studies allowed) goes through the modality router
+(``operators/modality_rules.json``), one series per modality (or ``--all-series``), and writes per study
+``OUTDIR/<StudyInstanceUID>/seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG on the series' exact grid) and ``report.json``
+(every routing decision with its reason; volumes, counts, registration quality, timings, SEG UIDs).
 
 Steps: affine registration to the MNI152 2009a template (ITK), resampling into brain-masked MoME space, MoME
 inference with the bundle's inferer, class probabilities mapped back through the inverse transform and argmax on the
@@ -49,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mome-seg", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("input", type=Path, help="native-space NIfTI volume (.nii or .nii.gz)")
+    parser.add_argument("input", type=Path, help="NIfTI volume (.nii/.nii.gz), DICOM folder or zip of DICOM files")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--modality", choices=MODALITIES, help="recorded in the report (MoME does not need it)")
     parser.add_argument("--model", type=Path, help="bundle folder (default: the installed bundle, $MOME_BUNDLE)")
@@ -57,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-mni", action="store_true", help="also write the image and mask in MoME space")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    dicom = parser.add_argument_group("DICOM input")
+    dicom.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES), help="only these")
+    dicom.add_argument("--all-series", action="store_true", help="every qualifying series, not one per modality")
+    dicom.add_argument("--rules", type=Path, help="modality router rules JSON (default: the shipped rules)")
     return parser
 
 
@@ -79,7 +89,7 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     if not path.is_file():
         raise InputRejected(f"{path}: file not found.")
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise InputRejected(f"{path}: not a NIfTI file (.nii/.nii.gz); DICOM input runs through the Deploy app.")
+        raise InputRejected(f"{path}: not a NIfTI file (.nii/.nii.gz); give DICOM as a folder or a zip.")
     try:
         image = nib.load(path)
         array = np.asarray(image.dataobj, dtype=np.float32)
@@ -125,8 +135,38 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, header: nib.Ni
     nib.save(image, path)
 
 
+def is_dicom_input(path: Path) -> bool:
+    """A folder or a zip archive is DICOM input; a file is NIfTI."""
+    return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
+
+
+def run_dicom_input(args: argparse.Namespace) -> int:
+    """DICOM folder/zip -> per-study DICOM-SEGs and reports; returns the exit code."""
+    from app.bundle_path import default_bundle_dir
+    from app.dicom_pipeline import NothingToSegment, run_dicom
+    from scripts.pipeline import MoMESegmenter
+
+    say = _say(args.quiet)
+    bundle = (args.model or default_bundle_dir()).resolve()
+    try:
+        say(f"loading the model from {bundle}")
+        segmenter = MoMESegmenter(bundle, device=args.device, tta=args.tta)
+        reports = run_dicom(args.input, args.out, segmenter, args.modalities, args.all_series, args.rules, say)
+    except (NothingToSegment, ValueError) as error:
+        print(f"mome-seg: input rejected: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    except FileNotFoundError as error:
+        print(f"mome-seg: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    for report in reports:
+        say(f"study {report['study_instance_uid']}: {report['summary']['segmented_series']} series segmented")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Segments ``args.input``; returns the exit code."""
+    if is_dicom_input(args.input):
+        return run_dicom_input(args)
     from app.bundle_path import default_bundle_dir
     from scripts.pipeline import MoMESegmenter
     from scripts.registration import VolumeRejected

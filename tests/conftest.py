@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,23 @@ def converted_network(converted_bundle: Path):
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(converted_bundle / "models" / "model.pt", weights_only=True), strict=True)
     return network.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The template bundle with a tiny MoME (features 2-16, 4 mm MoME space, 32^3 tiles) and random weights."""
+    bundle = tmp_path_factory.mktemp("bundle") / "mome"
+    ignore = shutil.ignore_patterns("models", "training", "data", "__pycache__")
+    shutil.copytree(REPO / "bundle", bundle, ignore=ignore)
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config.update(features_per_stage=[2, 4, 8, 16], spacing=[4.0, 4.0, 4.0], patch_size=[32, 32, 32])
+    config_path.write_text(json.dumps(config, indent=1))
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config_path))
+    torch.manual_seed(0)
+    (bundle / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+    return bundle

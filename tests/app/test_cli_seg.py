@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from app.cli import seg_main
 from app.cli_seg import guess_modality
@@ -24,24 +23,6 @@ REAL_HEAD = REPO / "tests" / "data" / "real_brains" / "KmeansTest_T1UCharRaw.nii
 @pytest.fixture(autouse=True)
 def _restore_sys_path(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """The template bundle with a tiny MoME (features 2-16, 4 mm MoME space, 32^3 tiles) and random weights."""
-    bundle = tmp_path_factory.mktemp("bundle") / "mome"
-    ignore = shutil.ignore_patterns("models", "training", "data", "__pycache__")
-    shutil.copytree(REPO / "bundle", bundle, ignore=ignore)
-    config_path = bundle / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    config.update(features_per_stage=[2, 4, 8, 16], spacing=[4.0, 4.0, 4.0], patch_size=[32, 32, 32])
-    config_path.write_text(json.dumps(config, indent=1))
-    parser = ConfigParser()
-    parser.read_config(str(config_path))
-    torch.manual_seed(0)
-    (bundle / "models").mkdir()
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
-    return bundle
 
 
 def test_segments_a_real_head_on_its_own_grid(tmp_path, tiny_bundle):

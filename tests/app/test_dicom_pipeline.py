@@ -1,0 +1,124 @@
+"""DICOM study -> router -> native-space MoME -> DICOM-SEG + report (no Holoscan), and `mome-seg` on DICOM input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from dicom_factory import make_series
+from pydicom.uid import generate_uid
+
+from app.cli import seg_main
+from app.dicom_pipeline import NothingToSegment, run_dicom
+from operators.dicom_series import series_to_volume
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+class _BrightnessOracle(torch.nn.Module):
+    """Stands in for a trained MoME: calls 'lesion' where the z-scored input is bright."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 4.0 * (x - 3.0)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, np.ndarray, str]:
+    """A study with a synthetic FLAIR on an oblique grid (plus its truth), a localizer and a CT series, nested."""
+    from scripts.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("dicom")
+    dataset = json.loads(
+        generate_dataset(
+            root / "nifti", 1, seed=5, spacing=2.0, modalities=["flair"], lesion_weights={"glioma": 1.0}, native=True
+        ).read_text()
+    )
+    entry = dataset["training"][0]
+    image = nib.load(root / "nifti" / entry["image"])
+    truth = np.asarray(nib.load(root / "nifti" / entry["label"]).dataobj) > 0
+    study_uid = generate_uid()
+    series = {
+        "flair": make_series(np.asarray(image.dataobj), image.affine, 3, "AX FLAIR", study_uid),
+        "loc": make_series(np.ones((16, 16, 3)), np.diag([2.0, 2.0, 5.0, 1.0]), 1, "Localizer", study_uid),
+        "ct": make_series(np.ones((16, 16, 10)), np.diag([1.0, 1.0, 2.0, 1.0]), 2, "HEAD CT", study_uid, "CT"),
+    }
+    folder = root / "in"
+    for name, datasets in series.items():
+        for index, ds in enumerate(reversed(datasets)):  # files in reverse slice order
+            path = folder / name / "sub" / f"{index:03d}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+    (folder / "README.txt").write_text("not DICOM")
+    return folder, truth, study_uid
+
+
+def test_study_is_routed_segmented_and_written_on_the_source_grid(tmp_path, tiny_bundle, study):
+    from scripts.pipeline import MoMESegmenter
+
+    folder, truth, study_uid = study
+    segmenter = MoMESegmenter(tiny_bundle, device="cpu")
+    segmenter.network = _BrightnessOracle()
+    reports = run_dicom(folder, tmp_path / "out", segmenter)
+    report = json.loads((tmp_path / "out" / study_uid / "report.json").read_text())
+    assert reports == [report] and report["summary"]["segmented_series"] == 1
+    decisions = {d["description"]: d for d in report["series"]}
+    assert decisions["AX FLAIR"]["modality"] == "flair" and decisions["Localizer"]["rule"] == "localizer-text"
+    assert decisions["HEAD CT"]["rule"] == "not-mr" and report["skipped_non_dicom_files"] == 1
+    (result,) = report["segmented"].values()
+    assert result["modality"] == "flair" and result["registration"]["template_contrast"] == "flair"
+    seg = hd.seg.segread(tmp_path / "out" / study_uid / result["seg"]["file"])
+    assert str(seg.SOPInstanceUID) == result["seg"]["sop_instance_uid"] and int(seg.NumberOfFrames) == truth.shape[2]
+    # Rebuild the label volume slice by slice from the SEG's source references (sorted along the slice normal).
+    volume = series_to_volume([pydicom.dcmread(p) for p in sorted((folder / "flair").rglob("*.dcm"))])
+    frames = [
+        seg.get_pixels_by_source_instance([ds.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True)[0]
+        for ds in volume.instances
+    ]
+    labels = np.stack(frames).transpose(2, 1, 0) > 0
+    nifti = nib.load(next((folder.parent / "nifti").rglob("*_0000.nii.gz")))
+    np.testing.assert_allclose(volume.affine, nifti.affine, atol=1e-3)
+    # The same scan as NIfTI through the same pipeline gives the same labels: nothing flipped, shifted or reordered.
+    direct = segmenter.segment(np.asarray(nifti.dataobj, np.float32), nifti.affine, modality="flair").labels > 0
+    assert direct.sum() > 100 and (direct & truth).sum() > 0.9 * direct.sum()  # the oracle is precise
+    agreement = 2 * (labels & direct).sum() / (labels.sum() + direct.sum())
+    assert agreement > 0.99, agreement  # header rounding (IOP 8, IPP 6 decimals) may flip a few border voxels
+    voxel_ml = abs(np.linalg.det(volume.affine[:3, :3])) / 1000
+    assert result["lesion_volume_ml"] == pytest.approx(labels.sum() * voxel_ml, abs=1e-3)
+
+
+def test_mome_seg_on_a_zip_and_rejections(tmp_path, tiny_bundle, study):
+    folder, _, study_uid = study
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in folder.rglob("*"):
+            zipped.write(path, path.relative_to(folder))
+    out = tmp_path / "out"
+    assert seg_main([str(archive), "-o", str(out), "--model", str(tiny_bundle), "--quiet"]) == 0
+    assert (out / study_uid / "report.json").is_file()
+    assert len(list((out / study_uid).glob("seg_*.dcm"))) == 1
+    # only the localizer and the CT: nothing to segment, exit 3, nothing written
+    only_rejects = tmp_path / "rejects"
+    for name in ("loc", "ct"):
+        for path in (folder / name).rglob("*.dcm"):
+            target = only_rejects / name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    empty_out = tmp_path / "nothing"
+    assert seg_main([str(only_rejects), "-o", str(empty_out), "--model", str(tiny_bundle), "--quiet"]) == 3
+    assert not empty_out.exists()
+    no_dicom = tmp_path / "no_dicom"
+    no_dicom.mkdir()
+    (no_dicom / "notes.txt").write_text("hello")
+    with pytest.raises(NothingToSegment, match="no DICOM image instances found \\(1 other files\\)"):
+        run_dicom(no_dicom, tmp_path / "x", segmenter=None)
