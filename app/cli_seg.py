@@ -13,11 +13,12 @@ DICOM input (a folder tree or a zip, several studies allowed) goes through the m
 
 Steps: affine registration to the MNI152 2009a template (ITK), resampling into brain-masked MoME space, MoME
 inference with the bundle's inferer, class probabilities mapped back through the inverse transform and argmax on the
-input grid. Writes ``OUTDIR/<name>_seg.nii.gz`` (uint8, the input's shape and affine), ``OUTDIR/report.json`` (modality,
-lesion volume in mL, lesion count, largest lesion, registration quality with warnings, timings, model) and, with
-``--save-mni``, ``<name>_mni.nii.gz`` and ``<name>_mni_seg.nii.gz`` (the registered image and its segmentation on the
-model's MoME-space grid). MoME needs no modality label; ``--modality`` (default: guessed from a ``_t1``/``_flair``...
-file-name suffix) picks the registration template's contrast and is recorded in the report.
+input grid. Writes ``OUTDIR/<name>_seg.nii.gz`` (uint8, the input's shape and affine), ``OUTDIR/<name>_qc.png``
+(orthogonal slices through the largest lesion with the overlay, radiological convention), ``OUTDIR/report.json``
+(modality, lesion volume in mL, lesion count, largest lesion, registration quality with warnings, timings, model)
+and, with ``--save-mni``, ``<name>_mni.nii.gz`` and ``<name>_mni_seg.nii.gz`` (the registered image and its
+segmentation on the model's MoME-space grid). MoME needs no modality label; ``--modality`` (default: guessed from a
+``_t1``/``_flair``... file-name suffix) picks the registration template's contrast and is recorded in the report.
 
 Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected (reason printed; nothing is written).
 """
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if is_dicom_input(args.input):
         return run_dicom_input(args)
     from app.bundle_path import default_bundle_dir
+    from operators.qc_image import save_qc_png
     from scripts.pipeline import MoMESegmenter
     from scripts.registration import VolumeRejected
 
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         "warnings": list(registration["warnings"]),
         "model": segmenter.describe(),
         "tta": bool(args.tta),
-        "outputs": {"segmentation": f"{stem}_seg.nii.gz"},
+        "outputs": {"segmentation": f"{stem}_seg.nii.gz", "qc_png": f"{stem}_qc.png"},
     }
     if args.save_mni:
         report["outputs"].update(mni_image=f"{stem}_mni.nii.gz", mni_segmentation=f"{stem}_mni_seg.nii.gz")
@@ -211,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=args.out, prefix=".mome-seg-") as staging:
         staged = Path(staging)
         _save_nifti(result.labels, affine, staged / report["outputs"]["segmentation"], header)
+        caption = f"{report['modality'] or 'MR'}: {report['lesion_volume_ml']} mL in {report['lesion_count']} lesion(s)"
+        model = report["model"]
+        caption += f" | {model.get('name')} {model.get('version')} | research use only"
+        save_qc_png(array, result.labels, affine, staged / report["outputs"]["qc_png"], caption)
         if args.save_mni:
             _save_nifti(
                 result.mome_image.astype(np.float32), result.mome_affine, staged / report["outputs"]["mni_image"]

@@ -21,6 +21,7 @@ import pydicom
 
 from operators.dicom_series import SeriesRejected, series_to_volume
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify, load_rules
+from operators.qc_image import save_qc_png
 from operators.seg_writer import build_seg
 from operators.study_loader import dicom_root, scan_studies
 
@@ -43,6 +44,11 @@ def _lesions(labels: np.ndarray, voxel_ml: float) -> dict[str, Any]:
     }
 
 
+def header_number(volume: Any) -> str:
+    """The source SeriesNumber for captions ('?' when absent)."""
+    return str(getattr(volume.instances[0], "SeriesNumber", "?"))
+
+
 def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_dir: Path, say) -> dict[str, Any]:
     started = time.perf_counter()
     volume = series_to_volume([pydicom.dcmread(f) for f in files])
@@ -55,10 +61,17 @@ def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_
     path = study_dir / f"seg_{volume.series_uid}.dcm"
     seg.save_as(path)
     registration = result.registration.to_dict()
+    lesions = _lesions(result.labels, abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0)
+    caption = (
+        f"{modality} series {header_number(volume)}: {lesions['lesion_volume_ml']} mL in {lesions['lesion_count']} "
+        f"lesion(s) | {meta.get('name')} {meta.get('version')} | research use only"
+    )
+    qc = save_qc_png(volume.array, result.labels, volume.affine, study_dir / f"qc_{volume.series_uid}.png", caption)
     return {
         "modality": modality,
         "shape": list(volume.array.shape),
-        **_lesions(result.labels, abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0),
+        **lesions,
+        "qc_png": qc.name,
         "registration": registration,
         "warnings": registration["warnings"],
         "seg": {"file": path.name, "sop_instance_uid": str(seg.SOPInstanceUID),

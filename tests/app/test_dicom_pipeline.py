@@ -105,7 +105,7 @@ def test_mome_seg_on_a_zip_and_rejections(tmp_path, tiny_bundle, study):
             zipped.write(path, path.relative_to(folder))
     out = tmp_path / "out"
     assert seg_main([str(archive), "-o", str(out), "--model", str(tiny_bundle), "--quiet"]) == 0
-    assert (out / study_uid / "report.json").is_file()
+    assert (out / study_uid / "report.json").is_file() and len(list((out / study_uid).glob("qc_*.png"))) == 1
     assert len(list((out / study_uid).glob("seg_*.dcm"))) == 1
     # only the localizer and the CT: nothing to segment, exit 3, nothing written
     only_rejects = tmp_path / "rejects"

@@ -103,3 +103,23 @@ def _roundtrip(ds: Dataset) -> io.BytesIO:
     ds.save_as(buffer, enforce_file_format=True)
     buffer.seek(0)
     return buffer
+
+
+def test_qc_image_is_radiological_and_through_the_largest_lesion():
+    from operators.qc_image import qc_image
+
+    affine = np.diag([-1.0, 1.0, 2.0, 1.0])  # voxel x runs towards the patient's left (LAS storage)
+    affine[:3, 3] = [40.0, -40.0, -40.0]
+    volume = np.random.default_rng(0).uniform(50, 150, (81, 81, 41)).astype(np.float32)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    # a lesion at the patient's right (+x), anterior (+y) and superior (+z): world (25, 25, 20)
+    i, j, k = np.rint(np.linalg.inv(affine) @ [25.0, 25.0, 20.0, 1.0])[:3].astype(int)
+    labels[i - 3 : i + 4, j - 3 : j + 4, k - 1 : k + 2] = 1
+    labels[5:7, 5:7, 5] = 1  # a smaller lesion elsewhere
+    picture = np.asarray(qc_image(volume, labels, affine, caption="t2"))
+    red = picture[..., 0].astype(int) - picture[..., 1] > 60
+    axial = red[:, : round(81 * 1.5)]  # first panel: 81 mm x 81 mm at 1.5 px/mm
+    rows, cols = np.nonzero(axial)
+    assert len(rows) > 50
+    assert rows.mean() < axial.shape[0] / 2  # anterior at the top
+    assert cols.mean() < axial.shape[1] / 2  # patient's right on the image's left
