@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -113,19 +112,6 @@ def _say(quiet: bool):
     return say
 
 
-def lesion_summary(labels: np.ndarray, voxel_ml: float) -> dict[str, Any]:
-    """Volume (mL), count and largest lesion (26-connected components) of a label map."""
-    from scripts.metrics import connected_components
-
-    components, count = connected_components(labels > 0)
-    sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, dtype=int)
-    return {
-        "lesion_volume_ml": round(float((labels > 0).sum() * voxel_ml), 3),
-        "lesion_count": int(count),
-        "largest_lesion_ml": round(float(sizes.max() * voxel_ml), 3) if count else 0.0,
-    }
-
-
 def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
     image = nib.Nifti1Image(data, affine, header=header)
     image.set_data_dtype(data.dtype)
@@ -170,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         return run_dicom_input(args)
     from app.bundle_path import default_bundle_dir
     from operators.qc_image import save_qc_png
+    from scripts.metrics import lesion_summary
     from scripts.pipeline import MoMESegmenter
     from scripts.registration import VolumeRejected
 

@@ -32,24 +32,14 @@ class NothingToSegment(ValueError):
     """No series of the input could be segmented; the message lists why."""
 
 
-def _lesions(labels: np.ndarray, voxel_ml: float) -> dict[str, Any]:
-    from scripts.metrics import connected_components
-
-    components, count = connected_components(labels > 0)
-    sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, dtype=int)
-    return {
-        "lesion_volume_ml": round(float((labels > 0).sum() * voxel_ml), 3),
-        "lesion_count": int(count),
-        "largest_lesion_ml": round(float(sizes.max() * voxel_ml), 3) if count else 0.0,
-    }
-
-
 def header_number(volume: Any) -> str:
     """The source SeriesNumber for captions ('?' when absent)."""
     return str(getattr(volume.instances[0], "SeriesNumber", "?"))
 
 
 def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_dir: Path, say) -> dict[str, Any]:
+    from scripts.metrics import lesion_summary
+
     started = time.perf_counter()
     volume = series_to_volume([pydicom.dcmread(f) for f in files])
     load_seconds = time.perf_counter() - started
@@ -61,7 +51,7 @@ def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_
     path = study_dir / f"seg_{volume.series_uid}.dcm"
     seg.save_as(path)
     registration = result.registration.to_dict()
-    lesions = _lesions(result.labels, abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0)
+    lesions = lesion_summary(result.labels, abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0)
     caption = (
         f"{modality} series {header_number(volume)}: {lesions['lesion_volume_ml']} mL in {lesions['lesion_count']} "
         f"lesion(s) | {meta.get('name')} {meta.get('version')} | research use only"

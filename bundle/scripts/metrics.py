@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["connected_components", "dice", "lesion_detection", "lesion_metrics", "summarise"]
+__all__ = ["connected_components", "dice", "lesion_detection", "lesion_metrics", "lesion_summary", "summarise"]
 
 SUMMARY_METRICS = ("dice", "abs_volume_error_ml", "lesion_f1")
 
@@ -62,6 +62,17 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     labeller.Update()
     labels = np.asarray(itk.GetArrayFromImage(labeller.GetOutput()))
     return labels, int(labeller.GetObjectCount())
+
+
+def lesion_summary(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, Any]:
+    """Lesion volume (mL), count and largest lesion (mL) of a label map (26-connected components) for reports."""
+    components, count = connected_components(labels)
+    sizes = np.bincount(components.ravel())[1:] if count else np.zeros(0, dtype=int)
+    return {
+        "lesion_volume_ml": round(float(_binary(labels).sum() * voxel_volume_ml), 3),
+        "lesion_count": int(count),
+        "largest_lesion_ml": round(float(sizes.max() * voxel_volume_ml), 3) if count else 0.0,
+    }
 
 
 def _ratio(numerator: int, denominator: int) -> float:

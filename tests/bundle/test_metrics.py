@@ -116,3 +116,17 @@ def test_summarise_groups_and_means():
     assert list(summarise(cases, key="lesion_type")["groups"]) == ["unknown"]
     with pytest.raises(ValueError):
         summarise([])
+
+
+def test_lesion_summary_for_reports():
+    from scripts.metrics import lesion_summary
+
+    labels = np.zeros((20, 20, 20), dtype=np.uint8)
+    labels[2:5, 2:5, 2:5] = 1  # 27 voxels
+    labels[10:12, 10:12, 10:12] = 1  # 8 voxels
+    assert lesion_summary(labels, 0.002) == {"lesion_volume_ml": 0.07, "lesion_count": 2, "largest_lesion_ml": 0.054}
+    assert lesion_summary(np.zeros((4, 4, 4)), 1.0) == {
+        "lesion_volume_ml": 0.0,
+        "lesion_count": 0,
+        "largest_lesion_ml": 0.0,
+    }
