@@ -127,24 +127,35 @@ def is_dicom_input(path: Path) -> bool:
     return path.is_dir() or (path.is_file() and path.suffix.lower() == ".zip")
 
 
-def run_dicom_input(args: argparse.Namespace) -> int:
-    """DICOM folder/zip -> per-study DICOM-SEGs and reports; returns the exit code."""
+def _segmenter(args: argparse.Namespace, say):
+    """The bundle's MoME (``--model`` or the installed bundle) on ``--device``, with ``--tta``."""
     from app.bundle_path import default_bundle_dir
-    from app.dicom_pipeline import NothingToSegment, run_dicom
     from scripts.pipeline import MoMESegmenter
 
-    say = _say(args.quiet)
     bundle = (args.model or default_bundle_dir()).resolve()
-    try:
-        say(f"loading the model from {bundle}")
-        segmenter = MoMESegmenter(bundle, device=args.device, tta=args.tta)
-        reports = run_dicom(args.input, args.out, segmenter, args.modalities, args.all_series, args.rules, say)
-    except (NothingToSegment, ValueError) as error:
-        print(f"mome-seg: input rejected: {error}", file=sys.stderr)
-        return EXIT_REJECTED
-    except FileNotFoundError as error:
+    say(f"loading the model from {bundle}")
+    return MoMESegmenter(bundle, device=args.device, tta=args.tta)
+
+
+def _failure(error: Exception) -> int:
+    """Prints why nothing was segmented; exit 2 for a missing file or model, 3 for a rejected input."""
+    if isinstance(error, FileNotFoundError):
         print(f"mome-seg: {error}", file=sys.stderr)
         return EXIT_USAGE
+    print(f"mome-seg: input rejected: {error}", file=sys.stderr)
+    return EXIT_REJECTED
+
+
+def run_dicom_input(args: argparse.Namespace) -> int:
+    """DICOM folder/zip -> per-study DICOM-SEGs and reports; returns the exit code."""
+    from app.dicom_pipeline import run_dicom
+
+    say = _say(args.quiet)
+    try:
+        segmenter = _segmenter(args, say)
+        reports = run_dicom(args.input, args.out, segmenter, args.modalities, args.all_series, args.rules, say)
+    except (ValueError, FileNotFoundError) as error:  # NothingToSegment, bad rules, not a zip, no weights
+        return _failure(error)
     for report in reports:
         say(f"study {report['study_instance_uid']}: {report['summary']['segmented_series']} series segmented")
     return EXIT_OK
@@ -154,27 +165,19 @@ def run(args: argparse.Namespace) -> int:
     """Segments ``args.input``; returns the exit code."""
     if is_dicom_input(args.input):
         return run_dicom_input(args)
-    from app.bundle_path import default_bundle_dir
-    from operators.qc_image import save_qc_png
+    from operators.qc_image import qc_caption, save_qc_png
     from scripts.metrics import lesion_summary
-    from scripts.pipeline import MoMESegmenter
     from scripts.registration import VolumeRejected
 
     say = _say(args.quiet)
     total = time.perf_counter()
     try:
         array, affine, header = load_volume(args.input)
-        bundle = (args.model or default_bundle_dir()).resolve()
-        say(f"loading the model from {bundle}")
-        segmenter = MoMESegmenter(bundle, device=args.device, tta=args.tta)
+        segmenter = _segmenter(args, say)
         modality = args.modality or guess_modality(args.input)
         result = segmenter.segment(array, affine, name=str(args.input), modality=modality, progress=say)
-    except (InputRejected, VolumeRejected) as error:
-        print(f"mome-seg: input rejected: {error}", file=sys.stderr)
-        return EXIT_REJECTED
-    except FileNotFoundError as error:
-        print(f"mome-seg: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except (InputRejected, VolumeRejected, FileNotFoundError) as error:
+        return _failure(error)
 
     stem = nifti_stem(args.input)
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
@@ -200,16 +203,14 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=args.out, prefix=".mome-seg-") as staging:
         staged = Path(staging)
         _save_nifti(result.labels, affine, staged / report["outputs"]["segmentation"], header)
-        caption = f"{report['modality'] or 'MR'}: {report['lesion_volume_ml']} mL in {report['lesion_count']} lesion(s)"
-        model = report["model"]
-        caption += f" | {model.get('name')} {model.get('version')} | research use only"
+        caption = qc_caption(report["modality"] or "MR", report, report["model"])
         save_qc_png(array, result.labels, affine, staged / report["outputs"]["qc_png"], caption)
         if args.save_mni:
             _save_nifti(
                 result.mome_image.astype(np.float32), result.mome_affine, staged / report["outputs"]["mni_image"]
             )
             _save_nifti(result.mome_labels, result.mome_affine, staged / report["outputs"]["mni_segmentation"])
-        report["seconds"] = {k: round(v, 2) for k, v in {**result.seconds}.items()}
+        report["seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
         report["seconds"]["total"] = round(time.perf_counter() - total, 2)
         (staged / "report.json").write_text(json.dumps(report, indent=2))
         for item in staged.iterdir():

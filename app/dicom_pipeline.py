@@ -21,7 +21,7 @@ import pydicom
 
 from operators.dicom_series import SeriesRejected, series_to_volume
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify, load_rules
-from operators.qc_image import save_qc_png
+from operators.qc_image import qc_caption, save_qc_png
 from operators.seg_writer import build_seg
 from operators.study_loader import dicom_root, scan_studies
 
@@ -30,11 +30,6 @@ __all__ = ["NothingToSegment", "run_dicom"]
 
 class NothingToSegment(ValueError):
     """No series of the input could be segmented; the message lists why."""
-
-
-def header_number(volume: Any) -> str:
-    """The source SeriesNumber for captions ('?' when absent)."""
-    return str(getattr(volume.instances[0], "SeriesNumber", "?"))
 
 
 def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_dir: Path, say) -> dict[str, Any]:
@@ -50,12 +45,11 @@ def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_
     seg = build_seg(volume, result.labels, str(meta.get("name") or "MoME"), str(meta.get("version") or "unknown"))
     path = study_dir / f"seg_{volume.series_uid}.dcm"
     seg.save_as(path)
+    seg_seconds = time.perf_counter() - started
     registration = result.registration.to_dict()
     lesions = lesion_summary(result.labels, abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0)
-    caption = (
-        f"{modality} series {header_number(volume)}: {lesions['lesion_volume_ml']} mL in {lesions['lesion_count']} "
-        f"lesion(s) | {meta.get('name')} {meta.get('version')} | research use only"
-    )
+    series_number = getattr(volume.instances[0], "SeriesNumber", "?")
+    caption = qc_caption(f"{modality} series {series_number}", lesions, meta)
     qc = save_qc_png(volume.array, result.labels, volume.affine, study_dir / f"qc_{volume.series_uid}.png", caption)
     return {
         "modality": modality,
@@ -67,7 +61,7 @@ def _segment_series(files: Sequence[Path], modality: str, segmenter: Any, study_
         "seg": {"file": path.name, "sop_instance_uid": str(seg.SOPInstanceUID),
                 "series_instance_uid": str(seg.SeriesInstanceUID), "frames": int(seg.NumberOfFrames)},
         "seconds": {"dicom_load": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()},
-                    "seg_write": round(time.perf_counter() - started, 2)},
+                    "seg_write": round(seg_seconds, 2)},
     }  # fmt: skip
 
 

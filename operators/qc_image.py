@@ -14,10 +14,18 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["qc_image", "save_qc_png"]
+__all__ = ["qc_caption", "qc_image", "save_qc_png"]
 
 PANEL_MM = 220.0  # field of view of one panel at the output scale (pixels = mm * scale)
 OVERLAY = np.array([255, 40, 40], dtype=np.float32)
+
+
+def qc_caption(subject: str, lesions: dict, model: dict) -> str:
+    """``"<subject>: V mL in N lesion(s) | <model> <version> | research use only"`` from a lesion summary."""
+    return (
+        f"{subject}: {lesions['lesion_volume_ml']} mL in {lesions['lesion_count']} lesion(s) | "
+        f"{model.get('name')} {model.get('version')} | research use only"
+    )
 
 
 def _largest_lesion_centre(labels: np.ndarray) -> np.ndarray | None:
