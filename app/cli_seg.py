@@ -6,7 +6,8 @@ Usage::
              [--device cpu|cuda] [--quiet]
     mome-seg DICOM_DIR_OR_ZIP -o OUTDIR [--modalities t1 flair ...] [--all-series] [--rules RULES.json] [...]
 
-DICOM input (a folder tree or a zip, several studies allowed) goes through the modality router
+DICOM input (a folder tree or a zip, several studies allowed) runs the Deploy application's graph (``app/app.py``,
+the same as ``python -m app``): the modality router
 (``operators/modality_rules.json``), one series per modality (or ``--all-series``), and writes per study
 ``OUTDIR/<StudyInstanceUID>/seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG on the series' exact grid) and ``report.json``
 (every routing decision with its reason; volumes, counts, registration quality, timings, SEG UIDs).
@@ -147,18 +148,13 @@ def _failure(error: Exception) -> int:
 
 
 def run_dicom_input(args: argparse.Namespace) -> int:
-    """DICOM folder/zip -> per-study DICOM-SEGs and reports; returns the exit code."""
-    from app.dicom_pipeline import run_dicom
+    """DICOM folder/zip -> the Deploy application's graph (``app/app.py``); returns its exit code."""
+    from app.app import AppOptions, run_app
 
-    say = _say(args.quiet)
-    try:
-        segmenter = _segmenter(args, say)
-        reports = run_dicom(args.input, args.out, segmenter, args.modalities, args.all_series, args.rules, say)
-    except (ValueError, FileNotFoundError) as error:  # NothingToSegment, bad rules, not a zip, no weights
-        return _failure(error)
-    for report in reports:
-        say(f"study {report['study_instance_uid']}: {report['summary']['segmented_series']} series segmented")
-    return EXIT_OK
+    options = AppOptions(
+        args.modalities, args.all_series, args.rules, args.device, args.tta, None if args.quiet else _say(False)
+    )
+    return run_app(args.input, args.out, args.model, options, prog="mome-seg")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,32 +10,26 @@ import tempfile
 import zipfile
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["DicomInput", "SeriesFiles", "dicom_root", "scan_studies"]
+__all__ = ["DicomInput", "dicom_root", "scan_studies"]
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
 @dataclass
-class SeriesFiles:
-    """The files of one series and the header of its first instance (no pixel data)."""
-
-    series_uid: str
-    files: List[Path] = field(default_factory=list)
-    header: pydicom.Dataset | None = None
-
-
-@dataclass
 class DicomInput:
-    """Studies (StudyInstanceUID -> SeriesInstanceUID -> files) and how many files were not DICOM images."""
+    """Studies (StudyInstanceUID -> SeriesInstanceUID -> instance headers) and how many files were skipped.
 
-    studies: Dict[str, Dict[str, SeriesFiles]]
+    Each header is a pydicom ``Dataset`` read without pixel data; its ``filename`` says where to read the pixels.
+    """
+
+    studies: Dict[str, Dict[str, List[pydicom.Dataset]]]
     skipped_files: int
 
 
@@ -59,7 +53,7 @@ def dicom_root(path: Path) -> Iterator[Path]:
 
 def scan_studies(root: Path) -> DicomInput:
     """Reads every file's header under ``root`` (recursively) and groups the image instances."""
-    studies: Dict[str, Dict[str, SeriesFiles]] = defaultdict(dict)
+    studies: Dict[str, Dict[str, List[pydicom.Dataset]]] = defaultdict(dict)
     skipped = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
@@ -71,8 +65,5 @@ def scan_studies(root: Path) -> DicomInput:
         if not study or not series or str(getattr(header, "SOPClassUID", "")) == DICOMDIR_CLASS:
             skipped += 1
             continue
-        entry = studies[str(study)].setdefault(str(series), SeriesFiles(str(series)))
-        entry.files.append(path)
-        if entry.header is None:
-            entry.header = header
+        studies[str(study)].setdefault(str(series), []).append(header)
     return DicomInput(dict(studies), skipped)

@@ -122,3 +122,52 @@ def test_mome_seg_on_a_zip_and_rejections(tmp_path, tiny_bundle, study):
     (no_dicom / "notes.txt").write_text("hello")
     with pytest.raises(NothingToSegment, match="no DICOM image instances found \\(1 other files\\)"):
         run_dicom(no_dicom, tmp_path / "x", segmenter=None)
+
+
+def _seg_labels(path: Path) -> np.ndarray:
+    seg = hd.seg.segread(path)
+    return seg.pixel_array
+
+
+def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_bundle, study):
+    """``python -m app``'s Holoscan graph and ``run_dicom`` share their stages: same routing, same SEG frames."""
+    from app.app import AppOptions, run_app
+    from scripts.pipeline import MoMESegmenter
+
+    folder, truth, study_uid = study
+    segmenter = MoMESegmenter(tiny_bundle, device="cpu")
+    segmenter.network = _BrightnessOracle()
+    run_dicom(folder, tmp_path / "plain", segmenter)
+    options = AppOptions(segmenter=segmenter)
+    assert run_app(folder, tmp_path / "graph", tiny_bundle, options) == 0
+    plain, graph = (json.loads((tmp_path / k / study_uid / "report.json").read_text()) for k in ("plain", "graph"))
+    assert graph["series"] == plain["series"] and graph["summary"] == plain["summary"]
+    (entry,) = graph["segmented"].values()
+    assert entry["lesion_volume_ml"] > 1 and entry["qc_png"].endswith(".png") and entry["seconds"]["seg_write"] > 0
+    files = {p.name for p in (tmp_path / "graph" / study_uid).iterdir()}
+    assert files == {p.name for p in (tmp_path / "plain" / study_uid).iterdir()} and len(files) == 3
+    name = entry["seg"]["file"]
+    np.testing.assert_array_equal(
+        _seg_labels(tmp_path / "graph" / study_uid / name), _seg_labels(tmp_path / "plain" / study_uid / name)
+    )
+    assert options.outcome and options.outcome[0]["study_instance_uid"] == study_uid
+    assert not list(tmp_path.glob(".*mome-*")), "staging folders must be removed"
+
+
+def test_python_m_app_exit_codes(tmp_path, tiny_bundle, study, capsys):
+    from app.app import main
+
+    folder, _, study_uid = study
+    out = tmp_path / "out"
+    assert main(["-i", str(folder), "-o", str(out), "-m", str(tiny_bundle), "--quiet", "--modalities", "flair"]) == 0
+    assert len(list((out / study_uid).glob("seg_*.dcm"))) == 1
+    # --modalities without FLAIR: nothing to segment -> exit 3, nothing written
+    nothing = tmp_path / "nothing"
+    assert main(["-i", str(folder), "-o", str(nothing), "-m", str(tiny_bundle), "--quiet", "--modalities", "t1"]) == 3
+    assert not nothing.exists() and not list(tmp_path.glob(".*mome-*"))
+    assert "AX FLAIR: modality not requested" in capsys.readouterr().err
+    # a model folder that is not a bundle -> usage error 2
+    not_a_bundle = tmp_path / "models"
+    (not_a_bundle / "a").mkdir(parents=True)
+    assert main(["-i", str(folder), "-o", str(tmp_path / "o2"), "-m", str(not_a_bundle), "--quiet"]) == 2
+    assert main(["--no-such-flag"]) == 2
