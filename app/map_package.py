@@ -1,0 +1,108 @@
+"""Builds the MONAI Application Package (MAP) build context for the MoME Deploy application.
+
+``monai-deploy package`` (holoscan-cli 4.2.0, the last release that ships it) packages *an application folder*: it
+copies the folder to ``/opt/holoscan/app`` and runs ``python3 /opt/holoscan/app``. This module stages that folder
+(``__main__.py``, the ``app`` and ``operators`` packages, ``requirements.txt``) and, with ``--context``, runs the real
+packager in-process up to the point where it would call Docker, keeping the generated build context (Dockerfile,
+``map/app.json``, ``map/pkg.json``, ``pip/requirements.txt``, ``models/``) for inspection or a later
+``docker build``. No Docker engine and no network are needed for that (the artifacts manifest ships with us).
+
+Usage (from the repository root)::
+
+    python -m app.map_package --out build/map_app                     # stage the application folder only
+    python -m app.map_package --out build/map_app --context build/map_ctx [--tag mome-app:0.4.0] [--bundle bundle]
+
+    # with Docker + buildx + network, the real package:
+    monai-deploy package build/map_app -c app/app.yaml -t mome-app:0.4.0 --platform x86_64 -m build/map_app_models \\
+        --source app/packaging/holoscan-cli-artifacts-4.2.0.json       # CUDA base image (nvcr.io), GPU or CPU hosts
+    docker build -f Dockerfile -t mome-app-cpu:0.4.0 build/map_ctx     # the same MAP layout on a CPU-only base
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from unittest import mock
+
+__all__ = ["ARTIFACTS", "MODEL_NAME", "build_context", "main", "stage_application", "stage_models"]
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "app" / "packaging" / "holoscan-cli-artifacts-4.2.0.json"
+APP_CONFIG = REPO / "app" / "app.yaml"
+MAIN = '''"""MAP entry point: ``python3 /opt/holoscan/app`` runs the MoME Deploy application (HOLOSCAN_* paths)."""
+
+import sys
+
+from app.app import main
+
+sys.exit(main())
+'''
+MODEL_NAME = "mome"
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "packaging")
+
+
+def stage_application(out: Path) -> Path:
+    """Writes the application folder that ``monai-deploy package`` takes; returns it."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "__main__.py").write_text(MAIN)
+    for package in ("app", "operators"):
+        shutil.copytree(REPO / package, out / package, ignore=IGNORED)
+    shutil.copy2(REPO / "app" / "requirements.txt", out / "requirements.txt")
+    shutil.copy2(APP_CONFIG, out / "app.yaml")
+    return out
+
+
+def stage_models(bundle: Path, out: Path, name: str = MODEL_NAME) -> Path:
+    """A models folder holding the bundle as ``<name>/`` (the MAP's ``/opt/holoscan/models/<name>``); returns it."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(bundle, out / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data", "training"))
+    return out
+
+
+def build_context(application: Path, context: Path, bundle: Path, tag: str = "mome-app:0.4.0") -> Path:
+    """Runs holoscan-cli's packager without Docker and copies its build context to ``context``; returns it."""
+    from holoscan_cli.__main__ import main as holoscan_cli
+    from holoscan_cli.packager import container_builder
+
+    def keep_context(builder, dockerfile, platform_parameters):
+        if context.exists():
+            shutil.rmtree(context)
+        shutil.copytree(builder._temp_dir, context)
+        result = container_builder.PlatformBuildResults(platform_parameters)
+        result.succeeded = True
+        return result
+
+    models = stage_models(bundle, application.parent / f"{application.name}_models")
+    argv = ["monai-deploy", "package", str(application), "-c", str(application / "app.yaml"), "-t", tag]
+    argv += ["--platform", "x86_64", "-m", str(models), "--source", str(ARTIFACTS), "-l", "WARN"]
+    patch_build = mock.patch.object(container_builder.BuilderBase, "_build_internal", keep_context)
+    with patch_build, mock.patch.object(sys, "argv", argv):  # the CLI picks the SDK from sys.argv[0]
+        holoscan_cli(argv)
+    if not (context / "Dockerfile").is_file():
+        raise RuntimeError(f"the packager did not produce a Dockerfile in {context}")
+    return context
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.map_package", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="application folder to stage")
+    parser.add_argument("--context", type=Path, help="also run the packager (no Docker) and keep its build context")
+    parser.add_argument("--bundle", type=Path, default=REPO / "bundle", help="MoME bundle folder to package")
+    parser.add_argument("--tag", default="mome-app:0.4.0")
+    args = parser.parse_args(argv)
+    application = stage_application(args.out.resolve())
+    print(f"application folder: {application}")
+    if args.context:
+        print(f"build context: {build_context(application, args.context.resolve(), args.bundle.resolve(), args.tag)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
