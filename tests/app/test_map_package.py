@@ -37,7 +37,8 @@ def test_packager_build_context_has_the_map_layout(context):
     pkg_json = json.loads((context / "map" / "pkg.json").read_text())
     assert json.loads(app_json["command"]) == ["python3", "/opt/holoscan/app"] and app_json["sdk"] == "monai-deploy"
     assert app_json["environment"]["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models"
-    assert pkg_json["resources"]["gpu"] == 0 and pkg_json["models"] == {MODEL_NAME: f"/opt/holoscan/models/{MODEL_NAME}"}
+    assert pkg_json["resources"]["gpu"] == 0
+    assert pkg_json["models"] == {MODEL_NAME: f"/opt/holoscan/models/{MODEL_NAME}"}
     assert (context / "models" / MODEL_NAME / "configs" / "inference.json").is_file()
     assert (context / "models" / MODEL_NAME / "models" / "model.pt").is_file()
     assert {p.name for p in (context / "app").iterdir()} >= {"__main__.py", "app", "operators", "requirements.txt"}
