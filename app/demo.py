@@ -1,71 +1,111 @@
-"""``make demo``: convert the bundled upstream-format checkpoint set and segment a generated MoME-space image.
+"""``make demo``: the Deploy application on the embedded demo DICOM study; prints what it found and where it wrote.
 
-Until the trained demo weights land, the only weights that ship with the repository are the authors'-format
-checkpoint fixture (``tests/data/upstream_mome_tiny``: the authors' code with *random* weights). The demo therefore
-shows the mechanics end to end — conversion to a bundle, MONAI bundle inference with nnU-Net tiling — and its
-segmentation has no clinical meaning.
+Steps: (1) the model — the bundle's demo weights when ``bundle/models/model.pt`` exists, otherwise the authors'-format
+checkpoint fixture (``tests/data/upstream_mome_tiny``: the authors' code with *random* weights) converted with
+``mome-convert``, which shows the mechanics only; (2) the demo study (``app.demo_study``: one synthetic subject on
+MNI152 anatomy, T1/T1ce/T2/FLAIR/DWI series on oblique grids plus a localizer and an ADC map); (3) the application
+graph (``python -m app``), then a table of every series: the router's decision, the lesion volume, and the Dice of the
+DICOM-SEG read back against the generator's truth. Outputs: ``.demo/output/<StudyInstanceUID>/``.
+
+Synthetic-data demo only: clinical use needs the authors' weights (``mome-convert``) or your own training.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
+
+from app.app import AppOptions, run_app
+from app.bundle_path import default_bundle_dir, use_bundle_scripts
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_FIXTURE = REPO / "tests" / "data" / "upstream_mome_tiny"
 
 
-def make_demo_image(path: Path, shape: tuple[int, int, int] = (64, 64, 64), seed: int = 0) -> Path:
-    """A smooth brain-like ellipsoid with a bright round 'lesion', 1 mm voxels, MNI-like origin."""
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (grid**2).sum(0) < 0.8
-    lesion = ((grid - np.array([0.3, -0.2, 0.1])[:, None, None, None]) ** 2).sum(0) < 0.04
-    image = np.where(brain, 400.0, 0.0) + np.where(lesion, 500.0, 0.0) + rng.normal(0, 20, shape) * brain
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = [-32.0, -32.0, -32.0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
-    return path
+def demo_bundle(workdir: Path) -> tuple[Path, str]:
+    """The bundle to run and a note on its weights."""
+    bundle = default_bundle_dir()
+    if (bundle / "models" / "model.pt").is_file():
+        return bundle, "the bundle's synthetic-data demo weights"
+    converted = workdir / "bundle"
+    if not (converted / "models" / "model.pt").is_file():
+        command = [sys.executable, "-m", "app.cli_convert", str(UPSTREAM_FIXTURE), "--out", str(converted), "--force"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return converted, "RANDOM weights (authors'-format fixture; no trained weights installed) - mechanics only"
+
+
+def _seg_dice(seg_path: Path, series_folder: Path, truth_path: Path) -> float:
+    """Dice of a SEG against the truth, frames matched to source instances by SOPInstanceUID (no geometry assumed)."""
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series_folder.glob("*.dcm"))]
+    seg = hd.seg.segread(seg_path)
+    frames = [
+        seg.get_pixels_by_source_instance([ds.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True)[0]
+        for ds in sources
+    ]
+    labels = np.stack(frames).transpose(2, 1, 0) > 0  # files are slice k = IMG k+1; frames are (rows, cols)
+    truth = np.asarray(nib.load(truth_path).dataobj) > 0
+    denominator = labels.sum() + truth.sum()
+    return float(2 * (labels & truth).sum() / denominator) if denominator else 1.0
+
+
+def summary_table(report: dict[str, Any], study: dict[str, Any], workdir: Path, output: Path) -> str:
+    truth = {info["series_uid"]: (modality, info["label"]) for modality, info in study["series"].items()}
+    rows = [f"{'#':>3}  {'series':<22} {'routed':<8} {'rule / reason':<34} {'lesion mL':>9} {'n':>3} {'Dice':>5}"]
+    for decision in sorted(report["series"], key=lambda d: d["series_number"] or 0):
+        entry = report["segmented"].get(decision["series_uid"], {})
+        routed = decision["modality"] or "-"
+        why = decision["rule"] if decision["modality"] else decision["reason"]
+        volume = count = dice = ""
+        if "seg" in entry:
+            volume, count = f"{entry['lesion_volume_ml']:.1f}", str(entry["lesion_count"])
+            modality, label = truth[decision["series_uid"]]
+            folder = next((workdir / "study" / "dicom").glob(f"*_{modality}"))
+            seg_path = output / report["study_instance_uid"] / entry["seg"]["file"]
+            dice = f"{_seg_dice(seg_path, folder, workdir / 'study' / 'nifti' / label):.2f}"
+        rows.append(
+            f"{decision['series_number']:>3}  {decision['description'][:22]:<22} {routed:<8} {why[:34]:<34} "
+            f"{volume:>9} {count:>3} {dice:>5}"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)
-    bundle, data, out = args.workdir / "bundle", args.workdir / "input", args.workdir / "output"
-    if not (bundle / "models" / "model.pt").is_file():
-        print(f"[1/3] converting the upstream-format checkpoints {UPSTREAM_FIXTURE.relative_to(REPO)} -> {bundle}")
-        subprocess.run(
-            [sys.executable, "-m", "app.cli_convert", str(UPSTREAM_FIXTURE), "--out", str(bundle), "--force"],
-            check=True,
-        )
-    else:
-        print(f"[1/3] bundle already converted: {bundle}")
-    image = make_demo_image(data / "demo_flair.nii.gz")
-    print(f"[2/3] generated a 64^3 MoME-space test image: {image}")
+    workdir = args.workdir.resolve()
+    bundle, weights = demo_bundle(workdir)
+    print(f"[1/3] model: {bundle} ({weights})")
+    use_bundle_scripts(bundle)
+    from app.demo_study import make_demo_study
+
+    study_file = workdir / "study" / "study.json"
+    if not study_file.is_file():
+        study_file.parent.mkdir(parents=True, exist_ok=True)
+        study_file.write_text(json.dumps(make_demo_study(workdir / "study")))
+    study = json.loads(study_file.read_text())
+    print(f"[2/3] demo DICOM study: {workdir / 'study' / 'dicom'} (7 series, synthetic, MNI152 anatomy)")
+    output = workdir / "output"
     started = time.perf_counter()
-    command = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(bundle / "configs" / "inference.json"),
-        "--meta_file", str(bundle / "configs" / "metadata.json"),
-        "--bundle_root", str(bundle.resolve()),
-        "--dataset_dir", str(data.resolve()),
-        "--output_dir", str(out.resolve()),
-    ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    seg = out / "demo_flair_seg.nii.gz"
-    labels = np.asarray(nib.load(seg).dataobj)
-    print(f"[3/3] bundle inference took {time.perf_counter() - started:.1f} s")
-    print(f"\nSegmentation: {seg}  (shape {labels.shape}, {int((labels > 0).sum())} lesion voxels)")
-    print("Note: these are placeholder *random* weights in the authors' checkpoint format; the output only")
-    print("demonstrates the pipeline. Convert the authors' released checkpoints with `mome-convert` for real use.")
+    options = AppOptions(progress=lambda message: print(f"      {message}", flush=True))
+    code = run_app(workdir / "study" / "dicom", output, bundle, options, prog="make demo")
+    if code != 0:
+        return code
+    print(f"[3/3] the application took {time.perf_counter() - started:.0f} s\n")
+    (report,) = options.outcome
+    print(summary_table(report, study, workdir, output))
+    print(f"\nOutputs: {output / report['study_instance_uid']}  (DICOM-SEG per series, qc_*.png, report.json)")
+    print(f"Weights: {weights}. Synthetic-data demo; not for clinical use.")
     return 0
 
 

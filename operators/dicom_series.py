@@ -1,4 +1,8 @@
-"""A single-frame MR series -> one 3-D volume on its exact grid, with the geometry checked, not assumed.
+"""An MR series -> one 3-D volume on its exact grid, with the geometry checked, not assumed.
+
+Single-frame series (one instance per slice) and Enhanced MR (one multi-frame instance with per-frame functional
+groups; the geometry comes from its Plane Position / Plane Orientation / Pixel Measures groups, per frame or shared)
+take the same path: each slice (instance or frame) becomes a :class:`SliceRef`.
 
 Instances are sorted by their position along the slice normal (``ImageOrientationPatient`` row x column cosines), in
 any orientation (axial, sagittal, coronal, oblique, negated axes) and any file order. The volume is ``(X, Y, Z)`` =
@@ -18,7 +22,7 @@ from typing import Any, List, Sequence
 
 import numpy as np
 
-__all__ = ["MIN_SLICES", "SeriesRejected", "SeriesVolume", "series_to_volume", "sort_instances"]
+__all__ = ["MIN_SLICES", "SeriesRejected", "SeriesVolume", "SliceRef", "series_to_volume", "sort_instances"]
 
 MIN_SLICES = 8
 ORIENTATION_TOLERANCE = 1e-3
@@ -33,12 +37,38 @@ class SeriesRejected(ValueError):
 
 @dataclass
 class SeriesVolume:
-    """Voxel data, RAS affine and the slice-sorted source instances of one series."""
+    """Voxel data, RAS affine and the slice-sorted sources of one series.
+
+    Single-frame: ``instances[k]`` is slice ``k`` and ``frames`` is None. Enhanced (multi-frame): ``instances`` holds
+    the one source instance and slice ``k`` is its frame ``frames[k]`` (0-based).
+    """
 
     array: np.ndarray  # (X, Y, Z) = (columns, rows, slices), float32, rescaled
     affine: np.ndarray  # 4x4 voxel -> RAS mm
-    instances: List[Any]  # source datasets, instances[k] is slice k
+    instances: List[Any]  # source datasets
     series_uid: str
+    frames: List[int] | None = None
+
+
+@dataclass
+class SliceRef:
+    """One slice of a series: the geometry attributes the checks read, and where its pixels are."""
+
+    ImageOrientationPatient: Any
+    ImagePositionPatient: Any
+    PixelSpacing: Any
+    Rows: int
+    Columns: int
+    SeriesInstanceUID: str
+    SeriesDescription: str
+    dataset: Any
+    frame: int | None = None  # 0-based frame of a multi-frame dataset
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def pixels(self) -> np.ndarray:
+        data = self.dataset.pixel_array if self.frame is None else self.dataset.pixel_array[self.frame]
+        return data.astype(np.float32) * self.slope + self.intercept
 
 
 def _name(datasets: Sequence[Any]) -> str:
@@ -59,6 +89,67 @@ def _geometry(ds: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return orientation, position, spacing
 
 
+def _group(ds: Any, index: int, sequence: str) -> Any:
+    """Item of a functional group for frame ``index``: per-frame first, then shared; None when absent."""
+    for groups in (
+        getattr(ds, "PerFrameFunctionalGroupsSequence", None),
+        getattr(ds, "SharedFunctionalGroupsSequence", None),
+    ):
+        if not groups:
+            continue
+        group = groups[index] if groups is getattr(ds, "PerFrameFunctionalGroupsSequence", None) else groups[0]
+        if sequence in group and len(group[sequence].value):
+            return group[sequence].value[0]
+    return None
+
+
+def _frame_refs(ds: Any) -> List[SliceRef]:
+    """The frames of an Enhanced (multi-frame) instance as slices, geometry from its functional groups."""
+    name = _name([ds])
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if len(getattr(ds, "PerFrameFunctionalGroupsSequence", None) or []) != frames:
+        raise SeriesRejected(f"{name}: multi-frame instance without one per-frame functional group per frame.")
+    refs = []
+    for index in range(frames):
+        position, orientation = (
+            _group(ds, index, "PlanePositionSequence"),
+            _group(ds, index, "PlaneOrientationSequence"),
+        )
+        measures, transform = (
+            _group(ds, index, "PixelMeasuresSequence"),
+            _group(ds, index, "PixelValueTransformationSequence"),
+        )
+        if position is None or orientation is None or measures is None:
+            raise SeriesRejected(f"{name}: frame {index + 1} lacks plane position, orientation or pixel measures.")
+        scaling = transform if transform is not None else ds
+        refs.append(
+            SliceRef(
+                orientation.ImageOrientationPatient, position.ImagePositionPatient, measures.PixelSpacing,
+                int(ds.Rows), int(ds.Columns), str(getattr(ds, "SeriesInstanceUID", "")),
+                str(getattr(ds, "SeriesDescription", "") or ""), ds, index,
+                float(getattr(scaling, "RescaleSlope", 1) or 1), float(getattr(scaling, "RescaleIntercept", 0) or 0),
+            )
+        )  # fmt: skip
+    return refs
+
+
+def _slice_refs(datasets: Sequence[Any]) -> List[SliceRef]:
+    """Every slice of a series: the frames of one Enhanced instance, or one slice per single-frame instance."""
+    if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in datasets):
+        if len(datasets) != 1:
+            raise SeriesRejected(f"{_name(datasets)}: several multi-frame instances in one series (4-D or mixed).")
+        return _frame_refs(datasets[0])
+    return [
+        SliceRef(
+            getattr(ds, "ImageOrientationPatient", None), getattr(ds, "ImagePositionPatient", None),
+            getattr(ds, "PixelSpacing", None), getattr(ds, "Rows", 0), getattr(ds, "Columns", 0),
+            str(getattr(ds, "SeriesInstanceUID", "")), str(getattr(ds, "SeriesDescription", "") or ""), ds, None,
+            float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0),
+        )
+        for ds in datasets
+    ]  # fmt: skip
+
+
 def sort_instances(datasets: Sequence[Any]) -> List[Any]:
     """Single-frame instances sorted by position along the slice normal (ascending)."""
     if not datasets:
@@ -73,8 +164,6 @@ def _check_stack(instances: Sequence[Any], name: str) -> tuple[np.ndarray, np.nd
     """Common orientation, pixel spacing, matrix and a regular stack; returns (orientation, spacing, slice step)."""
     if len(instances) < MIN_SLICES:
         raise SeriesRejected(f"{name}: {len(instances)} slices; at least {MIN_SLICES} are needed for a 3-D volume.")
-    if any(int(getattr(ds, "NumberOfFrames", 1) or 1) > 1 for ds in instances):
-        raise SeriesRejected(f"{name}: multi-frame (Enhanced) instances are not supported by the single-frame path.")
     geometry = [_geometry(ds, name) for ds in instances]
     orientation, _, spacing = geometry[0]
     for ds, (other_orientation, _, other_spacing) in zip(instances, geometry):
@@ -104,22 +193,23 @@ def _check_stack(instances: Sequence[Any], name: str) -> tuple[np.ndarray, np.nd
 
 
 def series_to_volume(datasets: Sequence[Any]) -> SeriesVolume:
-    """Sorts, checks and stacks single-frame instances (with pixel data) into a :class:`SeriesVolume`."""
-    instances = sort_instances(datasets)
-    name = _name(instances)
-    orientation, spacing, step = _check_stack(instances, name)
+    """Sorts, checks and stacks the slices of a series (instances with pixel data) into a :class:`SeriesVolume`."""
+    if not datasets:
+        raise SeriesRejected("empty series.")
+    slices = sort_instances(_slice_refs(datasets))
+    name = _name(slices)
+    orientation, spacing, step = _check_stack(slices, name)
     lps = np.eye(4)
     lps[:3, 0] = orientation[:3] * spacing[1]  # along columns index (x): row direction cosine x column spacing
     lps[:3, 1] = orientation[3:] * spacing[0]  # along rows index (y)
     lps[:3, 2] = step
-    lps[:3, 3] = _geometry(instances[0], name)[1]
+    lps[:3, 3] = _geometry(slices[0], name)[1]
     try:
-        slices = [
-            ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1)
-            + float(getattr(ds, "RescaleIntercept", 0) or 0)
-            for ds in instances
-        ]
+        stack = [ref.pixels() for ref in slices]
     except Exception as error:  # pydicom raises several types for undecodable pixel data
         raise SeriesRejected(f"{name}: pixel data cannot be decoded ({error}).") from error
-    array = np.ascontiguousarray(np.stack(slices).transpose(2, 1, 0))  # (Z, rows, cols) -> (cols, rows, Z)
-    return SeriesVolume(array, LPS_TO_RAS @ lps, list(instances), str(getattr(instances[0], "SeriesInstanceUID", "")))
+    array = np.ascontiguousarray(np.stack(stack).transpose(2, 1, 0))  # (Z, rows, cols) -> (cols, rows, Z)
+    multi_frame = slices[0].frame is not None
+    instances = [slices[0].dataset] if multi_frame else [ref.dataset for ref in slices]
+    frames = [ref.frame for ref in slices] if multi_frame else None
+    return SeriesVolume(array, LPS_TO_RAS @ lps, instances, slices[0].SeriesInstanceUID, frames)

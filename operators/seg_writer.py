@@ -1,7 +1,9 @@
 """DICOM-SEG (highdicom) on a source series' exact grid: one frame per source slice, in the sorted instance order.
 
 The label map comes from the native-space pipeline on :class:`operators.dicom_series.SeriesVolume`'s grid, so frame
-``k`` is ``labels[:, :, k]`` transposed to (rows, columns) and refers to ``volume.instances[k]``; nothing is resampled.
+``k`` is ``labels[:, :, k]`` transposed to (rows, columns) and refers to ``volume.instances[k]`` (single-frame) or to
+frame ``volume.frames[k]`` of the one Enhanced MR instance (the SEG's frames then follow the source's frame order);
+nothing is resampled.
 Empty frames are kept by default (viewers expect one frame per slice). Segments are coded with SNOMED CT; the
 algorithm identification, series description and content creator come from the model.
 """
@@ -58,7 +60,11 @@ def build_seg(
     if not values <= known:
         raise ValueError(f"label values {sorted(values - known)} have no segment description.")
     pixel_array = np.zeros((labels.shape[2], labels.shape[1], labels.shape[0], len(segments)), dtype=bool)
-    frames = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, rows, cols), instance order
+    frames = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (X, Y, Z) -> (Z, rows, cols), sorted slice order
+    if volume.frames is not None:  # Enhanced source: frame i of the SEG is frame i of the source instance
+        unsorted = np.empty_like(frames)
+        unsorted[volume.frames] = frames
+        frames = unsorted
     for index, segment in enumerate(segments):
         pixel_array[..., index] = frames == segment.value
     algorithm = hd.AlgorithmIdentificationSequence(

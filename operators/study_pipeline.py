@@ -95,7 +95,8 @@ def route_study(
     """
     routed, by_uid = [], {}
     for series_uid, instances in sorted(series.items()):
-        header = SeriesHeader.from_dataset(instances[0], n_instances=len(instances))
+        # one Enhanced (multi-frame) instance counts its frames
+        header = SeriesHeader.from_dataset(instances[0], n_instances=len(instances) if len(instances) > 1 else None)
         routed.append((header, classify(header, rules)))
         by_uid[series_uid] = instances
     chosen = choose(routed, modalities, all_series)

@@ -123,3 +123,90 @@ def test_qc_image_is_radiological_and_through_the_largest_lesion():
     assert len(rows) > 50
     assert rows.mean() < axial.shape[0] / 2  # anterior at the top
     assert cols.mean() < axial.shape[1] / 2  # patient's right on the image's left
+
+
+def sagittal_affine() -> np.ndarray:
+    """Sagittal slices: columns along -y (anterior to posterior), rows along -z, slices along +x."""
+    affine = np.zeros((4, 4))
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = [0, -0.9, 0], [0, 0, -1.1], [3.0, 0, 0]
+    affine[:, 3] = [-20.0, 90.0, 60.0, 1.0]
+    return affine
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """The error lines dicom3tools' validator prints for one file (it reports problems on stderr)."""
+    import subprocess
+
+    result = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.skipif(__import__("shutil").which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
+def test_seg_passes_dciodvfy_and_references_every_source(tmp_path, orientation):
+    affine = {"axial": np.diag([0.9, 1.1, 4.0, 1.0]), "sagittal": sagittal_affine(), "oblique": oblique_affine(True)}
+    datasets = make_series(np.full(SHAPE, 300.0, np.float32), affine[orientation], series_number=4)
+    random.Random(3).shuffle(datasets)
+    series = series_to_volume(datasets)
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[4:10, 2:8, 3:7] = 1
+    seg_path = tmp_path / "seg.dcm"
+    build_seg(series, labels, "MoME", "0.4.0").save_as(seg_path)
+    source_path = tmp_path / "source.dcm"
+    series.instances[0].save_as(source_path, enforce_file_format=True)
+    assert dciodvfy_errors(source_path) == []
+    assert dciodvfy_errors(seg_path) == []
+    read = hd.seg.segread(seg_path)
+    referenced = {item.ReferencedSOPInstanceUID for item in read.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in datasets}
+    for k, source in enumerate(series.instances):
+        frame = read.get_pixels_by_source_instance([source.SOPInstanceUID], combine_segments=True)[0]
+        np.testing.assert_array_equal(frame, labels[:, :, k].T)
+
+
+def test_enhanced_mr_source_volume_and_seg_follow_its_frames(tmp_path):
+    """An Enhanced MR instance (frames in shuffled order) gives the same volume as its single-frame series, and its
+    SEG's frames map to the source frames, checked per frame through highdicom and by dciodvfy."""
+    rng = np.random.default_rng(4)
+    volume = rng.integers(0, 3000, size=SHAPE).astype(np.float32)
+    datasets = make_series(volume, oblique_affine(True), series_number=9)
+    single = series_to_volume(datasets)
+    shuffled = list(datasets)
+    random.Random(5).shuffle(shuffled)
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        shuffled, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    enhanced = pydicom.dcmread(_roundtrip(enhanced))
+    result = series_to_volume([enhanced])
+    np.testing.assert_array_equal(result.array, single.array)
+    np.testing.assert_allclose(result.affine, single.affine, atol=1e-5)
+    assert result.instances == [enhanced] and sorted(result.frames) == list(range(SHAPE[2]))
+    assert result.frames != list(range(SHAPE[2]))  # the frames are not in slice order: the mapping is exercised
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[3:9, 4:11, 2:8] = 1
+    labels[:, :, 10] = 0
+    labels[1, 1, 10] = 1
+    seg_path = tmp_path / "seg.dcm"
+    build_seg(result, labels, "MoME", "0.4.0").save_as(seg_path)
+    read = hd.seg.segread(seg_path)
+    assert int(read.NumberOfFrames) == SHAPE[2]
+    for k, frame_index in enumerate(result.frames):
+        frame = read.get_pixels_by_source_frame(
+            source_sop_instance_uid=enhanced.SOPInstanceUID, source_frame_numbers=[frame_index + 1],
+            combine_segments=True,
+        )[0]  # fmt: skip
+        np.testing.assert_array_equal(frame, labels[:, :, k].T)
+    if __import__("shutil").which("dciodvfy"):
+        assert dciodvfy_errors(seg_path) == []
+
+
+def test_multi_frame_problems_are_rejected():
+    datasets = make_series(np.ones(SHAPE, np.float32), np.diag([1.0, 1.0, 3.0, 1.0]))
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=hd.UID(), series_number=9, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    with pytest.raises(SeriesRejected, match="several multi-frame instances"):
+        series_to_volume([enhanced, enhanced])
+    del enhanced.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    with pytest.raises(SeriesRejected, match="frame 4 lacks plane position"):
+        series_to_volume([enhanced])
