@@ -210,3 +210,26 @@ def test_multi_frame_problems_are_rejected():
     del enhanced.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
     with pytest.raises(SeriesRejected, match="frame 4 lacks plane position"):
         series_to_volume([enhanced])
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless"])
+def test_compressed_sources_decode_to_the_same_volume_and_seg(tmp_path, syntax):
+    import copy
+
+    import pydicom.uid
+
+    volume = np.random.default_rng(6).integers(0, 3000, size=SHAPE).astype(np.float32)
+    plain = make_series(volume, oblique_affine(False))
+    compressed = []
+    for ds in copy.deepcopy(plain):
+        ds.compress(getattr(pydicom.uid, syntax))
+        compressed.append(pydicom.dcmread(_roundtrip(ds)))
+    assert compressed[0].file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    result = series_to_volume(compressed)
+    np.testing.assert_array_equal(result.array, series_to_volume(plain).array)
+    labels = (result.array > 2500).astype(np.uint8)
+    seg_path = tmp_path / "seg.dcm"
+    build_seg(result, labels, "MoME", "0.4.0").save_as(seg_path)
+    read = hd.seg.segread(seg_path)
+    frame = read.get_pixels_by_source_instance([result.instances[3].SOPInstanceUID], combine_segments=True)[0]
+    np.testing.assert_array_equal(frame, labels[:, :, 3].T)

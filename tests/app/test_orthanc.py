@@ -1,0 +1,113 @@
+"""A real DICOM server: the source series and our SEG go into Orthanc by C-STORE and come back over DICOMweb.
+
+Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) runs on loopback ports for this module only; ``.ci/run`` installs
+it. Skipped where Orthanc is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+pytestmark = pytest.mark.skipif(
+    ORTHANC is None or not DICOMWEB_PLUGIN.is_file(), reason="Orthanc with its DICOMweb plugin is not installed"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orthanc")
+    http_port, dicom_port = _free_port(), _free_port()
+    config = {
+        "Name": "mome-test",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    process = subprocess.Popen([ORTHANC, str(root / "config.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/system", timeout=1).read()
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        else:
+            pytest.fail("Orthanc did not start within 20 s")
+        yield {"url": url, "dicom_port": dicom_port}
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def _c_store(port: int, paths: list[Path]) -> list[int]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage, SegmentationStorage
+
+    ae = AE(ae_title="MOMETEST")
+    for sop_class in (MRImageStorage, SegmentationStorage):
+        ae.add_requested_context(sop_class)
+    association = ae.associate("127.0.0.1", port, ae_title="ORTHANC")
+    assert association.is_established
+    try:
+        return [int(association.send_c_store(pydicom.dcmread(path)).Status) for path in paths]
+    finally:
+        association.release()
+
+
+def test_seg_round_trips_through_orthanc(orthanc, study, tiny_bundle, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+    from test_dicom_pipeline import _BrightnessOracle
+
+    from app.dicom_pipeline import run_dicom
+    from scripts.pipeline import MoMESegmenter
+
+    folder, _, study_uid = study
+    segmenter = MoMESegmenter(tiny_bundle, device="cpu")
+    segmenter.network = _BrightnessOracle()
+    (report,) = run_dicom(folder, tmp_path / "out", segmenter, modalities=["flair"])
+    (entry,) = report["segmented"].values()
+    seg_path = tmp_path / "out" / study_uid / entry["seg"]["file"]
+    sources = sorted((folder / "flair").rglob("*.dcm"))
+    assert set(_c_store(orthanc["dicom_port"], [*sources, seg_path])) == {0}  # 0x0000: success
+
+    client = DICOMwebClient(url=f"{orthanc['url']}/dicom-web")
+    segs = client.search_for_series(study_uid, search_filters={"Modality": "SEG"})
+    assert [s["0020000E"]["Value"][0] for s in segs] == [entry["seg"]["series_instance_uid"]]
+    (mr,) = client.search_for_series(study_uid, search_filters={"Modality": "MR"})
+    assert mr["00201209"]["Value"][0] == len(sources)  # NumberOfSeriesRelatedInstances
+    (retrieved,) = client.retrieve_series(study_uid, entry["seg"]["series_instance_uid"])
+    seg = hd.seg.Segmentation.from_dataset(retrieved)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == mr["0020000E"]["Value"][0]
+    np.testing.assert_array_equal(seg.pixel_array, hd.seg.segread(seg_path).pixel_array)
