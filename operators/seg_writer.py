@@ -10,11 +10,15 @@ algorithm identification, series description and content creator come from the m
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
+from typing import Sequence as SequenceOf
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 
 from .dicom_series import SeriesVolume
@@ -40,12 +44,39 @@ def seg_series_number(source_series_number: int | None) -> int:
     return 7000 + int(source_series_number or 0) % 1000
 
 
+def _highdicom_source(ds: Any) -> Any:
+    """An Enhanced source as highdicom can read it: per-frame-only pixel measures / orientation also shared.
+
+    highdicom reads a multi-frame source's pixel measures from the *shared* functional groups only; vendors (Philips)
+    often store them per frame. The series check has already verified they are equal for every frame, so a shallow
+    copy with frame 1's items in a new shared group is the same geometry. The caller's dataset is not modified.
+    """
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) <= 1:
+        return ds
+    shared_groups = getattr(ds, "SharedFunctionalGroupsSequence", None)
+    if not shared_groups:
+        return ds  # not a valid Enhanced instance; highdicom will say why
+    shared = copy.deepcopy(shared_groups[0])
+    first_frame = ds.PerFrameFunctionalGroupsSequence[0]
+    missing = [k for k in ("PixelMeasuresSequence", "PlaneOrientationSequence") if k not in shared and k in first_frame]
+    if not missing:
+        return ds
+    for keyword in missing:
+        setattr(shared, keyword, copy.deepcopy(first_frame[keyword].value))
+    # A new element dict sharing the unchanged elements (pixel data included); Dataset(ds) would share ds's dict.
+    source = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})
+    source.file_meta = ds.file_meta
+    del source.SharedFunctionalGroupsSequence  # a new element: assigning would change the shared one in place
+    source.SharedFunctionalGroupsSequence = Sequence([shared])
+    return source
+
+
 def build_seg(
     volume: SeriesVolume,
     labels: np.ndarray,
     model_name: str,
     model_version: str,
-    segments: Sequence[SegmentSpec] = LESION,
+    segments: SequenceOf[SegmentSpec] = LESION,
     omit_empty_frames: bool = False,
 ) -> hd.seg.Segmentation:
     """A binary DICOM-SEG of ``labels`` (same (X, Y, Z) shape as ``volume.array``) referencing every source slice.
@@ -83,7 +114,7 @@ def build_seg(
     ]
     first = volume.instances[0]
     seg = hd.seg.Segmentation(
-        source_images=volume.instances,
+        source_images=[_highdicom_source(ds) for ds in volume.instances],
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

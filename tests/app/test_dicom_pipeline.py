@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from dicom_factory import DCIODVFY, dciodvfy_errors
 
 from app.cli import seg_main
 from app.dicom_pipeline import NothingToSegment, run_dicom
@@ -119,6 +120,8 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
         _seg_labels(tmp_path / "graph" / study_uid / name), _seg_labels(tmp_path / "plain" / study_uid / name)
     )
     assert options.outcome and options.outcome[0]["study_instance_uid"] == study_uid
+    if DCIODVFY:
+        assert dciodvfy_errors(tmp_path / "graph" / study_uid / name) == []
     assert not list(tmp_path.glob(".*mome-*")), "staging folders must be removed"
 
 

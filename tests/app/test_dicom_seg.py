@@ -9,7 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import make_series
+from dicom_factory import DCIODVFY, dciodvfy_errors, make_series
 from pydicom.dataset import Dataset
 
 from operators.dicom_series import SeriesRejected, series_to_volume
@@ -133,15 +133,7 @@ def sagittal_affine() -> np.ndarray:
     return affine
 
 
-def dciodvfy_errors(path) -> list[str]:
-    """The error lines dicom3tools' validator prints for one file (it reports problems on stderr)."""
-    import subprocess
-
-    result = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-@pytest.mark.skipif(__import__("shutil").which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+@pytest.mark.skipif(DCIODVFY is None, reason="dicom3tools (dciodvfy) not installed")
 @pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
 def test_seg_passes_dciodvfy_and_references_every_source(tmp_path, orientation):
     affine = {"axial": np.diag([0.9, 1.1, 4.0, 1.0]), "sagittal": sagittal_affine(), "oblique": oblique_affine(True)}
@@ -196,7 +188,7 @@ def test_enhanced_mr_source_volume_and_seg_follow_its_frames(tmp_path):
             combine_segments=True,
         )[0]  # fmt: skip
         np.testing.assert_array_equal(frame, labels[:, :, k].T)
-    if __import__("shutil").which("dciodvfy"):
+    if DCIODVFY:
         assert dciodvfy_errors(seg_path) == []
 
 
