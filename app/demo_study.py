@@ -1,7 +1,8 @@
 """The embedded demo DICOM study: one synthetic subject on real anatomy, all five MoME contrasts, as MR series.
 
-Made deterministically (seeded) by the bundle's generator (``scripts.synthetic``, MNI152 2009a anatomy, a glioma
-visible in every contrast), each contrast on its own oblique scanner grid, written as single-frame MR Image Storage
+Made deterministically (seeded) by the bundle's generator (``scripts.synthetic``, MNI152 2009a anatomy): a glioma in
+T1, T1ce, T2 and FLAIR and an acute infarct in DWI (the contrasts each lesion type is labelled in for MoME's
+training data), each contrast on its own oblique scanner grid, written as single-frame MR Image Storage
 series whose descriptions and acquisition parameters (TR, TE, TI, contrast agent, b-value, ImageType) are what the
 modality router reads. A localizer and an ADC map are added so the demo shows rejections too. Small: 2 mm voxels,
 about 20 MB for the study.
@@ -108,14 +109,22 @@ def make_demo_study(out: Path, seed: int = 7) -> dict[str, Any]:
     """Writes the demo study under ``out/dicom`` and its NIfTI truth under ``out/nifti``; returns a description."""
     from scripts.synthetic import generate_dataset
 
-    dataset = json.loads(
-        generate_dataset(
-            out / "nifti", 1, seed=seed, spacing=2.0, lesion_weights={"glioma": 1.0}, native=True, all_contrasts=True
-        ).read_text()
-    )
+    # Each lesion type in the contrasts it is labelled in for MoME's training data: a glioma on T1/T1ce/T2/FLAIR and an
+    # acute infarct on DWI (a second synthetic subject; each series is registered on its own).
+    glioma = generate_dataset(
+        out / "nifti", 1, seed=seed, spacing=2.0, modalities=["t1", "t1ce", "t2", "flair"],
+        lesion_weights={"glioma": 1.0}, native=True, all_contrasts=True,
+    )  # fmt: skip
+    entries = json.loads(glioma.read_text())["training"]
+    stroke = generate_dataset(
+        out / "nifti_dwi", 1, seed=seed, spacing=2.0, modalities=["dwi"], lesion_weights={"stroke_acute": 1.0},
+        native=True,
+    )  # fmt: skip
+    for entry in json.loads(stroke.read_text())["training"]:
+        entries.append({**entry, "image": f"../nifti_dwi/{entry['image']}", "label": f"../nifti_dwi/{entry['label']}"})
     study_uid = generate_uid()
     series = {}
-    for entry in dataset["training"]:
+    for entry in entries:
         number, description, extra = DEMO_SERIES[entry["modality"]]
         image = nib.load(out / "nifti" / entry["image"])
         volume = np.asarray(image.dataobj, dtype=np.float32)
@@ -125,7 +134,7 @@ def make_demo_study(out: Path, seed: int = 7) -> dict[str, Any]:
     scout = np.full((64, 64, 3), 100.0)
     localizer = series_datasets(scout, np.diag([4.0, 4.0, 30.0, 1.0]), 1, "3 PLANE LOC", study_uid)
     save_series(localizer, out / "dicom" / "01_localizer")
-    adc_source = nib.load(out / "nifti" / dataset["training"][-1]["image"])
+    adc_source = nib.load(out / "nifti" / entries[-1]["image"])
     adc = series_datasets(np.asarray(adc_source.dataobj) * 0.5, adc_source.affine, 7, "AX DWI ADC", study_uid,
                           extra={"ImageType": ["DERIVED", "PRIMARY", "ADC"]})  # fmt: skip
     save_series(adc, out / "dicom" / "07_adc")

@@ -50,15 +50,35 @@ def _panel(image: np.ndarray, labels: np.ndarray, spacing: tuple[float, float], 
     return picture.resize(size, Image.BILINEAR)
 
 
+def _axial_mosaic(ras_image: np.ndarray, zooms: np.ndarray, caption: str, scale: float, count: int = 12):
+    """No lesion to centre on: ``count`` evenly spaced axial slices (radiological), 6 per row, inferior first."""
+    depth = ras_image.shape[2]
+    slices = np.linspace(depth * 0.15, depth * 0.85, num=min(count, depth)).round().astype(int)
+    panels = [
+        _panel(ras_image[:, :, k].T[::-1, ::-1], np.zeros(ras_image.shape[:2][::-1], bool), (zooms[1], zooms[0]),
+               scale * 0.6)
+        for k in slices
+    ]  # fmt: skip
+    columns = min(6, len(panels))
+    rows = -(-len(panels) // columns)
+    width, height = panels[0].width, panels[0].height
+    canvas = Image.new("RGB", (columns * (width + 4), rows * (height + 4) + 28), "black")
+    for index, panel in enumerate(panels):
+        canvas.paste(panel, ((index % columns) * (width + 4), (index // columns) * (height + 4)))
+    ImageDraw.Draw(canvas).text((4, canvas.height - 22), caption, fill=(255, 255, 255))
+    return canvas
+
+
 def qc_image(array: np.ndarray, labels: np.ndarray, affine: np.ndarray, caption: str = "", scale: float = 1.5):
-    """A PIL image with the three orthogonal panels side by side and ``caption`` underneath."""
+    """A PIL image: three orthogonal panels through the largest lesion (or, with no lesion, an axial mosaic) and
+    ``caption`` underneath."""
     ornt = nib.orientations.io_orientation(affine)
     ras_image = nib.orientations.apply_orientation(np.asarray(array, np.float32), ornt)
     ras_labels = nib.orientations.apply_orientation(np.asarray(labels), ornt)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)[ornt[:, 0].astype(int)]
     centre = _largest_lesion_centre(ras_labels)
     if centre is None:
-        centre = np.array(ras_image.shape) // 2
+        return _axial_mosaic(ras_image, zooms, caption + " | no lesion found", scale)
     i, j, k = centre
     x, y, z = zooms
 

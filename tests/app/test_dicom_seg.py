@@ -123,6 +123,12 @@ def test_qc_image_is_radiological_and_through_the_largest_lesion():
     assert len(rows) > 50
     assert rows.mean() < axial.shape[0] / 2  # anterior at the top
     assert cols.mean() < axial.shape[1] / 2  # patient's right on the image's left
+    # no lesion: an axial mosaic of 12 slices (2 rows of 6) instead of panels through a lesion, no overlay
+    mosaic = qc_image(volume, np.zeros_like(labels), affine, caption="t2")
+    panel_width = round(81 * 1.5 * 0.6)
+    assert mosaic.width == 6 * (panel_width + 4) and mosaic.height == 2 * (panel_width + 4) + 28
+    pixels = np.asarray(mosaic).astype(int)
+    assert not (pixels[..., 0] - pixels[..., 1] > 60).any()
 
 
 def sagittal_affine() -> np.ndarray:
