@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import torch
 from dicom_factory import DCIODVFY, dciodvfy_errors
+from pydicom.uid import generate_uid
 
 from app.cli import seg_main
 from app.dicom_pipeline import NothingToSegment, run_dicom
@@ -142,3 +143,32 @@ def test_python_m_app_exit_codes(tmp_path, tiny_bundle, study, capsys):
     (not_a_bundle / "a").mkdir(parents=True)
     assert main(["-i", str(folder), "-o", str(tmp_path / "o2"), "-m", str(not_a_bundle), "--quiet"]) == 2
     assert main(["--no-such-flag"]) == 2
+
+
+def test_several_studies_in_one_input_get_one_output_folder_each(tmp_path, tiny_bundle, study):
+    from app.app import AppOptions, run_app
+    from scripts.pipeline import MoMESegmenter
+
+    folder, _, first_uid = study
+    second_uid, series_uid = generate_uid(), generate_uid()
+    for path in sorted((folder / "flair").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = second_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        target = tmp_path / "in" / "second" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(target, enforce_file_format=True)
+    for path in folder.rglob("*.dcm"):
+        target = tmp_path / "in" / "first" / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    segmenter = MoMESegmenter(tiny_bundle, device="cpu")
+    segmenter.network = _BrightnessOracle()
+    options = AppOptions(segmenter=segmenter)
+    assert run_app(tmp_path / "in", tmp_path / "out", tiny_bundle, options) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([first_uid, second_uid])
+    reports = {r["study_instance_uid"]: r for r in options.outcome}
+    assert reports[second_uid]["summary"]["series_in_study"] == 1
+    assert reports[first_uid]["summary"]["series_in_study"] == 3
+    volumes = [r["summary"]["lesion_volume_ml"]["flair"] for r in reports.values()]
+    assert volumes[0] == pytest.approx(volumes[1])  # the same pixels in both studies
