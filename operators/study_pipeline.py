@@ -6,9 +6,9 @@ through the stages and collects, per study, the routing decision for every serie
 report entries. Expected problems (a series that cannot become a volume, a study with nothing to segment) are
 recorded, never raised mid-graph; :func:`commit` decides at the end whether anything is written.
 
-Per study (``OUT/<StudyInstanceUID>/``): ``seg_<SeriesInstanceUID>.dcm``, ``qc_<SeriesInstanceUID>.png`` and
-``report.json``. Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by
-``os.replace`` only when at least one series was segmented, so a rejected input leaves nothing behind. Patient
+Per study (``OUT/<StudyInstanceUID>/``): ``seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG), ``sr_<SeriesInstanceUID>.dcm``
+(TID 1500 SR with the lesion volume, referencing the SEG), ``qc_<SeriesInstanceUID>.png`` and ``report.json``.
+Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by ``os.replace`` only when at least one series was segmented, so a rejected input leaves nothing behind. Patient
 names and IDs are never logged or reported; studies, series and instances are named by their UIDs.
 """
 
@@ -31,6 +31,7 @@ from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volum
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify
 from operators.qc_image import qc_caption, save_qc_png
 from operators.seg_writer import build_seg
+from operators.sr_writer import build_volume_sr
 
 __all__ = [
     "NothingToSegment",
@@ -163,7 +164,7 @@ def segment_study(work: StudyWork, segmenter: Any, say: Progress | None = None) 
 
 
 def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
-    """One DICOM-SEG per segmented series on its exact source grid, into ``study_dir``."""
+    """One DICOM-SEG per segmented series on its exact source grid, and its volume SR, into ``study_dir``."""
     from scripts.metrics import lesion_summary
 
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -177,13 +178,17 @@ def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
         seg.save_as(path)
         task.seconds["seg_write"] = time.perf_counter() - started
         voxel_ml = abs(float(np.linalg.det(task.volume.affine[:3, :3]))) / 1000.0
+        lesions = lesion_summary(task.segmentation.labels, voxel_ml)
+        sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version)
+        sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
+        sr.save_as(sr_path)
         registration = task.segmentation.registration.to_dict()
         work.entries[task.header.series_uid] = {
             "modality": task.modality,
             "series_number": task.header.series_number,
             "description": task.header.description,
             "shape": list(task.volume.array.shape),
-            **lesion_summary(task.segmentation.labels, voxel_ml),
+            **lesions,
             "registration": registration,
             "warnings": list(registration["warnings"]),
             "seg": {
@@ -193,6 +198,7 @@ def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
                 "series_number": int(seg.SeriesNumber),
                 "frames": int(seg.NumberOfFrames),
             },
+            "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
         }
     return work
 

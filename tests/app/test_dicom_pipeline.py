@@ -115,7 +115,11 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
     (entry,) = graph["segmented"].values()
     assert entry["lesion_volume_ml"] > 1 and entry["qc_png"].endswith(".png") and entry["seconds"]["seg_write"] > 0
     files = {p.name for p in (tmp_path / "graph" / study_uid).iterdir()}
-    assert files == {p.name for p in (tmp_path / "plain" / study_uid).iterdir()} and len(files) == 3
+    assert files == {p.name for p in (tmp_path / "plain" / study_uid).iterdir()} and len(files) == 4
+    sr = hd.sr.srread(tmp_path / "graph" / study_uid / entry["sr"]["file"])
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.get_measurements()[0].value == pytest.approx(entry["lesion_volume_ml"])
+    assert group.referenced_segment.referenced_sop_instance_uid == entry["seg"]["sop_instance_uid"]
     name = entry["seg"]["file"]
     np.testing.assert_array_equal(
         _seg_labels(tmp_path / "graph" / study_uid / name), _seg_labels(tmp_path / "plain" / study_uid / name)
@@ -123,6 +127,7 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
     assert options.outcome and options.outcome[0]["study_instance_uid"] == study_uid
     if DCIODVFY:
         assert dciodvfy_errors(tmp_path / "graph" / study_uid / name) == []
+        assert dciodvfy_errors(tmp_path / "graph" / study_uid / entry["sr"]["file"]) == []
     assert not list(tmp_path.glob(".*mome-*")), "staging folders must be removed"
 
 

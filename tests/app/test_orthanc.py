@@ -1,4 +1,4 @@
-"""A real DICOM server: the source series and our SEG go into Orthanc by C-STORE and come back over DICOMweb.
+"""A real DICOM server: the source series, our SEG and volume SR go into Orthanc by C-STORE and come back over DICOMweb.
 
 Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) runs on loopback ports for this module only; ``.ci/run`` installs
 it. Skipped where Orthanc is not installed.
@@ -73,10 +73,10 @@ def orthanc(tmp_path_factory):
 
 def _c_store(port: int, paths: list[Path]) -> list[int]:
     from pynetdicom import AE
-    from pynetdicom.sop_class import MRImageStorage, SegmentationStorage
+    from pynetdicom.sop_class import Comprehensive3DSRStorage, MRImageStorage, SegmentationStorage
 
     ae = AE(ae_title="MOMETEST")
-    for sop_class in (MRImageStorage, SegmentationStorage):
+    for sop_class in (MRImageStorage, SegmentationStorage, Comprehensive3DSRStorage):
         ae.add_requested_context(sop_class)
     association = ae.associate("127.0.0.1", port, ae_title="ORTHANC")
     assert association.is_established
@@ -100,7 +100,8 @@ def test_seg_round_trips_through_orthanc(orthanc, study, tiny_bundle, tmp_path):
     (entry,) = report["segmented"].values()
     seg_path = tmp_path / "out" / study_uid / entry["seg"]["file"]
     sources = sorted((folder / "flair").rglob("*.dcm"))
-    assert set(_c_store(orthanc["dicom_port"], [*sources, seg_path])) == {0}  # 0x0000: success
+    sr_path = seg_path.parent / entry["sr"]["file"]
+    assert set(_c_store(orthanc["dicom_port"], [*sources, seg_path, sr_path])) == {0}  # 0x0000: success
 
     client = DICOMwebClient(url=f"{orthanc['url']}/dicom-web")
     segs = client.search_for_series(study_uid, search_filters={"Modality": "SEG"})
@@ -111,3 +112,7 @@ def test_seg_round_trips_through_orthanc(orthanc, study, tiny_bundle, tmp_path):
     seg = hd.seg.Segmentation.from_dataset(retrieved)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == mr["0020000E"]["Value"][0]
     np.testing.assert_array_equal(seg.pixel_array, hd.seg.segread(seg_path).pixel_array)
+    (sr_series,) = client.search_for_series(study_uid, search_filters={"Modality": "SR"})
+    (report_sr,) = client.retrieve_series(study_uid, sr_series["0020000E"]["Value"][0])
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(report_sr).content.get_volumetric_roi_measurement_groups()
+    assert group.get_measurements()[0].value == pytest.approx(entry["lesion_volume_ml"])
