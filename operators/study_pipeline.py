@@ -8,8 +8,9 @@ recorded, never raised mid-graph; :func:`commit` decides at the end whether anyt
 
 Per study (``OUT/<StudyInstanceUID>/``): ``seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG), ``sr_<SeriesInstanceUID>.dcm``
 (TID 1500 SR with the lesion volume, referencing the SEG), ``qc_<SeriesInstanceUID>.png`` and ``report.json``.
-Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by ``os.replace`` only when at least one series was segmented, so a rejected input leaves nothing behind. Patient
-names and IDs are never logged or reported; studies, series and instances are named by their UIDs.
+Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by ``os.replace``
+only when at least one series was segmented, so a rejected input leaves nothing behind. Patient names and IDs are
+never logged or reported; studies, series and instances are named by their UIDs.
 """
 
 from __future__ import annotations
