@@ -49,7 +49,7 @@ def test_series_becomes_a_volume_on_its_exact_grid_in_any_order(flip):
     assert positions == sorted(positions)
 
 
-def test_seg_round_trip_one_frame_per_source_slice():
+def test_seg_round_trip_one_frame_per_source_slice(tmp_path):
     volume = np.full(SHAPE, 100.0, dtype=np.float32)
     datasets = make_series(volume, oblique_affine(True), series_number=7)
     random.Random(2).shuffle(datasets)
@@ -60,6 +60,9 @@ def test_seg_round_trip_one_frame_per_source_slice():
     seg = build_seg(series, labels, "MoME brain lesion MRI segmentation", "0.3.0")
     buffer = io.BytesIO()
     seg.save_as(buffer)
+    if DCIODVFY:
+        (tmp_path / "seg.dcm").write_bytes(buffer.getvalue())
+        assert dciodvfy_errors(tmp_path / "seg.dcm") == []
     read = hd.seg.segread(io.BytesIO(buffer.getvalue()))
     assert read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and read.SegmentationType == "BINARY"
     assert int(read.NumberOfFrames) == SHAPE[2]  # empty frames kept
@@ -231,3 +234,5 @@ def test_compressed_sources_decode_to_the_same_volume_and_seg(tmp_path, syntax):
     read = hd.seg.segread(seg_path)
     frame = read.get_pixels_by_source_instance([result.instances[3].SOPInstanceUID], combine_segments=True)[0]
     np.testing.assert_array_equal(frame, labels[:, :, 3].T)
+    if DCIODVFY:
+        assert dciodvfy_errors(seg_path) == []
