@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/3] the application took {time.perf_counter() - started:.0f} s\n")
     (report,) = options.outcome
     print(summary_table(report, study, workdir, output))
-    print(f"\nOutputs: {output / report['study_instance_uid']}  (DICOM-SEG per series, qc_*.png, report.json)")
+    print(f"\nOutputs: {output / report['study_instance_uid']}  (DICOM-SEG and SR per series, qc_*.png, report.json)")
     print(f"Weights: {weights}. Synthetic-data demo; not for clinical use.")
     return 0
 
