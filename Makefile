@@ -24,10 +24,27 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(RUN_ENV) $(PY) -m app.demo --workdir .demo
 
-# Trains the demo MoME and an equal-compute U-Net on synthetic data and evaluates both;
-# results in bench/results/. Interrupted runs continue where they stopped. About 5 hours on 2 cores (the held-out
-# evaluation with nnU-Net tiling is a large part of it).
-bench: $(STAMP)
+# Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
+# bench-cpu: the whole DICOM -> SEG pipeline per inference profile and stage, demo and release-size models (~1.5 h
+# on 2 cores); bench-levers: one MoME forward per CPU lever (~20 min); bench-quality: fast vs parity labels on held-out
+# synthetic cases (~30 min); bench-training: demo MoME vs an equal-compute U-Net, trained from scratch (~5 h).
+BENCH_REPEATS ?= 3
+.PHONY: bench-cpu bench-levers bench-quality bench-training
+bench: bench-cpu bench-levers bench-quality bench-training
+
+bench-cpu: $(STAMP)
+	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS)
+
+bench-levers: $(STAMP)
+	$(PY) bench/cpu_levers.py --arch release --levers baseline inference_mode lean_gate bf16 threads1
+
+bench-quality: $(STAMP)
+	@test -f .bench/data_seed1/dataset.json || (cd bundle && PYTHONPATH=. ../$(PY) -m scripts.synthetic \
+		--out ../.bench/data_seed1 --cases 24 --seed 1 --quiet)
+	PYTHONPATH=bundle $(PY) bench/profile_agreement.py --data .bench/data_seed1 --model bundle \
+		--profiles parity fast --per-modality 2 --out bench/results/profile_agreement.json
+
+bench-training: $(STAMP)
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench --parallel
 
 lint: $(STAMP)

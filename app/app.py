@@ -31,6 +31,7 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application
 
 from app.bundle_path import default_bundle_dir
+from app.cli_seg import PROFILE_HELP, PROFILE_NAMES
 from operators.modality_router import MODALITIES
 from operators.modality_router_operator import ModalityRouterOperator
 from operators.mome_inference_operator import MoMEInferenceOperator
@@ -56,6 +57,7 @@ class AppOptions:
     tta: bool = False
     progress: Callable[[str], None] | None = None
     segmenter: Any = None  # an object with segment()/describe() instead of the bundle's model (tests, embedding)
+    profile: str | None = None  # inference profile; None: the bundle's default
     outcome: list[dict[str, Any]] | NothingToSegment | None = field(default=None, repr=False)
 
 
@@ -115,6 +117,7 @@ class MoMEApp(Application):
             bundle_path=bundle,
             device=self.mome_options.device,
             tta=self.mome_options.tta,
+            profile=self.mome_options.profile,
             progress=self.mome_options.progress,
             segmenter=self.mome_options.segmenter,
             name="mome_inference",
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rules", type=Path, help="modality router rules JSON (default: the shipped rules)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
+    parser.add_argument("--profile", choices=PROFILE_NAMES, help=PROFILE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -212,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, sdk_args = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
-    options = AppOptions(args.modalities, args.all_series, args.rules, args.device, args.tta, _say(args.quiet))
+    options = AppOptions(
+        args.modalities, args.all_series, args.rules, args.device, args.tta, _say(args.quiet), profile=args.profile
+    )
     try:
         return run_app(args.input, args.output, args.model, options, "python -m app", sdk_args)
     except Exception:  # noqa: BLE001 - last line of defence: exit 1 with the traceback

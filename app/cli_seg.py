@@ -3,7 +3,7 @@
 Usage::
 
     mome-seg INPUT.nii.gz -o OUTDIR [--modality t1|t1ce|t2|flair|dwi] [--model BUNDLE_DIR] [--tta] [--save-mni]
-             [--device cpu|cuda] [--quiet]
+             [--profile fast|parity|accurate] [--device cpu|cuda] [--quiet]
     mome-seg DICOM_DIR_OR_ZIP -o OUTDIR [--modalities t1 flair ...] [--all-series] [--rules RULES.json] [...]
 
 DICOM input (a folder tree or a zip, several studies allowed) runs the Deploy application's graph (``app/app.py``,
@@ -43,6 +43,8 @@ __all__ = ["InputRejected", "build_parser", "guess_modality", "load_volume", "ma
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+PROFILE_NAMES = ("fast", "parity", "accurate")  # scripts.profiles.PROFILES (a test keeps them in step)
+PROFILE_HELP = "inference profile: fast (default), parity (the authors' tiling), accurate (parity + mirroring)"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MODALITY_SUFFIX = re.compile(r"[_-](t1|t1ce|t2|flair|dwi)(?:_0000)?$", re.IGNORECASE)
 logger = logging.getLogger("mome-seg")
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modality", choices=MODALITIES, help="recorded in the report (MoME does not need it)")
     parser.add_argument("--model", type=Path, help="bundle folder (default: the installed bundle, $MOME_BUNDLE)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
+    parser.add_argument("--profile", choices=PROFILE_NAMES, help=PROFILE_HELP)
     parser.add_argument("--save-mni", action="store_true", help="also write the image and mask in MoME space")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -135,7 +138,7 @@ def _segmenter(args: argparse.Namespace, say):
 
     bundle = (args.model or default_bundle_dir()).resolve()
     say(f"loading the model from {bundle}")
-    return MoMESegmenter(bundle, device=args.device, tta=args.tta)
+    return MoMESegmenter(bundle, device=args.device, tta=args.tta, profile=args.profile)
 
 
 def _failure(error: Exception) -> int:
@@ -151,8 +154,9 @@ def run_dicom_input(args: argparse.Namespace) -> int:
     """DICOM folder/zip -> the Deploy application's graph (``app/app.py``); returns its exit code."""
     from app.app import AppOptions, run_app
 
+    progress = None if args.quiet else _say(False)
     options = AppOptions(
-        args.modalities, args.all_series, args.rules, args.device, args.tta, None if args.quiet else _say(False)
+        args.modalities, args.all_series, args.rules, args.device, args.tta, progress, profile=args.profile
     )
     return run_app(args.input, args.out, args.model, options, prog="mome-seg")
 
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "warnings": list(registration["warnings"]),
         "model": segmenter.describe(),
         "tta": bool(args.tta),
+        "inference": result.inference,
         "outputs": {"segmentation": f"{stem}_seg.nii.gz", "qc_png": f"{stem}_qc.png"},
     }
     if args.save_mni:

@@ -22,7 +22,11 @@ __all__ = ["MoMEInferenceOperator"]
 
 
 class MoMEInferenceOperator(Operator):
-    """Segments lesions with a MoME bundle; ``device`` None picks CUDA when available; ``tta`` adds mirroring."""
+    """Segments lesions with a MoME bundle.
+
+    ``device`` None picks CUDA when available; ``tta`` adds mirroring; ``profile`` picks the inference profile
+    (None: the bundle's ``profile`` id).
+    """
 
     def __init__(
         self,
@@ -31,11 +35,12 @@ class MoMEInferenceOperator(Operator):
         bundle_path: Path,
         device: str | None = None,
         tta: bool = False,
+        profile: str | None = None,
         progress: Callable[[str], None] | None = None,
         segmenter: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.bundle_path, self.device, self.tta = Path(bundle_path), device, tta
+        self.bundle_path, self.device, self.tta, self.profile = Path(bundle_path), device, tta, profile
         self.progress = progress
         self._segmenter = segmenter  # None: built from the bundle at the first study
         super().__init__(fragment, *args, **kwargs)
@@ -51,7 +56,7 @@ class MoMEInferenceOperator(Operator):
             use_bundle_scripts(self.bundle_path)
             from scripts.pipeline import MoMESegmenter
 
-            self._segmenter = MoMESegmenter(self.bundle_path, device=self.device, tta=self.tta)
+            self._segmenter = MoMESegmenter(self.bundle_path, device=self.device, tta=self.tta, profile=self.profile)
         return self._segmenter
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:

@@ -192,6 +192,7 @@ def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
             **lesions,
             "registration": registration,
             "warnings": list(registration["warnings"]),
+            "inference": getattr(task.segmentation, "inference", {}),
             "seg": {
                 "file": path.name,
                 "sop_instance_uid": str(seg.SOPInstanceUID),

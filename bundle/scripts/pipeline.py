@@ -36,6 +36,7 @@ class NativeSegmentation:
     mome_labels: np.ndarray  # argmax on the MoME grid
     mome_affine: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
+    inference: Dict[str, Any] = field(default_factory=dict)  # profile and what the inferer did
 
 
 class MoMESegmenter:
@@ -45,6 +46,8 @@ class MoMESegmenter:
         bundle_dir: bundle root (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``).
         device: torch device; default the bundle's (CUDA when available).
         tta: mirror test-time augmentation (the bundle's ``tta`` switch).
+        profile: inference profile (``parity``, ``fast``, ``accurate``; see ``scripts.profiles``); default the
+            bundle's ``profile`` id.
         registration: registration parameters.
     """
 
@@ -54,6 +57,7 @@ class MoMESegmenter:
         device: str | torch.device | None = None,
         tta: bool = False,
         registration: RegistrationSettings | None = None,
+        profile: str | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         parser = ConfigParser()
@@ -61,6 +65,8 @@ class MoMESegmenter:
         parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["tta"] = bool(tta)
+        if profile is not None:
+            parser["profile"] = profile
         if device is not None:
             parser["device"] = f"$torch.device('{torch.device(device)}')"
         self.metadata = {"name": parser.get("_meta_#name"), "version": parser.get("_meta_#version")}
@@ -129,7 +135,14 @@ class MoMESegmenter:
             mome_labels=probabilities.argmax(0).to(torch.uint8).numpy(),
             mome_affine=mome_affine,
             seconds=seconds,
+            inference=self.inference_record(),
         )
+
+    def inference_record(self) -> Dict[str, Any]:
+        """The inference profile and what the last network run did (tiles, precision, fallbacks, threads)."""
+        describe = getattr(self.inferer, "describe", None)
+        record = describe() if callable(describe) else {"inferer": type(self.inferer).__name__}
+        return {**record, "device": str(self.device), "threads": torch.get_num_threads()}
 
     def describe(self) -> Dict[str, Any]:
         """Model name, version, bundle path and spacing for reports."""

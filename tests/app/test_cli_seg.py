@@ -44,6 +44,7 @@ def test_segments_a_real_head_on_its_own_grid(tmp_path, tiny_bundle):
     assert registration["template_contrast"] == "t1" and registration["nmi"] > 1.01 and report["warnings"] == []
     assert np.array(registration["template_to_native"]).shape == (4, 4)
     assert set(report["seconds"]) >= {"registration", "network", "to_native", "total"}
+    assert report["inference"]["profile"] == "fast" and report["inference"]["n_tiles"] >= 1
     assert report["model"]["version"] and report["model"]["spacing_mm"] == 4.0
     mni = nib.load(out / "head_t1_mni.nii.gz")
     assert mni.shape == (40, 49, 40) and nib.load(out / "head_t1_mni_seg.nii.gz").shape == (40, 49, 40)
@@ -141,3 +142,24 @@ def test_bundle_native_config_runs_native_nifti(tmp_path, tiny_bundle):
         image = nib.load(source)
         assert seg.shape == image.shape and seg.get_data_dtype() == np.uint8
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-4)
+
+
+def test_profile_option_reaches_the_inferer_and_the_report(tiny_bundle, tmp_path):
+    from app.app import build_parser as app_parser
+    from app.cli_seg import PROFILE_NAMES, build_parser
+    from scripts.pipeline import MoMESegmenter
+    from scripts.profiles import PROFILES
+
+    assert sorted(PROFILE_NAMES) == sorted(PROFILES)
+    assert MoMESegmenter(tiny_bundle).inferer.describe()["profile"] == "fast"  # the bundle's default
+    parity = MoMESegmenter(tiny_bundle, profile="parity")
+    assert parity.inferer.describe()["profile"] == "parity"
+    mome_space = np.random.default_rng(0).normal(size=(40, 49, 40)).astype(np.float32)
+    parity.probabilities(mome_space)
+    record = parity.inference_record()
+    assert record["n_tiles"] == 2 * 3 * 2 and record["tile_size"] == [32, 32, 32] and record["device"] == "cpu"
+    assert record["precision"] == "float32" and record["threads"] >= 1
+    assert build_parser().parse_args(["x.nii.gz", "-o", "out", "--profile", "accurate"]).profile == "accurate"
+    assert app_parser().parse_known_args(["--profile", "parity"])[0].profile == "parity"
+    assert seg_main([str(REAL_HEAD), "-o", str(tmp_path / "out"), "--profile", "quick"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -68,7 +68,11 @@ def test_torchscript_export_matches_eager(converted_bundle, converted_network, r
     scripted = torch.jit.load(str(converted_bundle / "models/model.ts"))
     x = reference_outputs["tile_input"]
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), converted_network(x))
+        experts, weights = converted_network._run(x, None, False)
+        concatenated = converted_network.fuse([levels[0] for levels in experts], weights[0])
+        torch.testing.assert_close(scripted(x), concatenated)
+        # eager eval accumulates the gate's first convolution per expert (memory-lean): same sums, other order
+        torch.testing.assert_close(scripted(x), converted_network(x), rtol=1e-4, atol=5e-4)
 
 
 def test_bundle_run_on_a_nifti(tmp_path, converted_bundle, converted_network):
