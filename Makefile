@@ -33,7 +33,7 @@ BENCH_REPEATS ?= 3
 bench: bench-cpu bench-levers bench-quality bench-training
 
 bench-cpu: $(STAMP)
-	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS)
+	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS) --release-repeats 1
 
 bench-levers: $(STAMP)
 	$(PY) bench/cpu_levers.py --arch release --levers baseline inference_mode lean_gate bf16 threads1

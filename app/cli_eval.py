@@ -32,6 +32,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from app.cli_seg import PROFILE_HELP, PROFILE_NAMES
+
 __all__ = [
     "Case",
     "InputRejected",
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip inference and read <PRED_DIR>/<image stem>_seg.nii.gz instead",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
+    parser.add_argument("--profile", choices=PROFILE_NAMES, help=PROFILE_HELP)
     parser.add_argument("--cases", nargs="+", metavar="CASE_ID", help="evaluate only these cases")
     return parser
 
@@ -202,7 +205,9 @@ def _device_override(device: str | None) -> dict[str, str]:
     return {"device": "$torch.device('cuda:0')" if device == "cuda" else "$torch.device('cpu')"}
 
 
-def run_inference(bundle: Path, cases: Sequence[Case], data_dir: Path, out_dir: Path, device: str | None) -> None:
+def run_inference(
+    bundle: Path, cases: Sequence[Case], data_dir: Path, out_dir: Path, device: str | None, profile: str | None = None
+) -> None:
     """Runs the bundle's ``configs/inference.json`` on the cases' images, writing ``<stem>_seg.nii.gz`` to out_dir."""
     from monai.bundle import ConfigWorkflow
 
@@ -216,6 +221,7 @@ def run_inference(bundle: Path, cases: Sequence[Case], data_dir: Path, out_dir: 
         dataset_dir=str(data_dir),
         datalist=[{"image": str(case.image)} for case in cases],
         **_device_override(device),
+        **({"profile": profile} if profile else {}),
     )
     workflow.initialize()
     workflow.run()
@@ -257,13 +263,24 @@ def model_info(bundle: Path) -> dict[str, Any]:
     return {"name": meta.get("name"), "version": meta.get("version"), "path": str(bundle.resolve())}
 
 
-def build_results(bundle: Path, data_dir: Path, per_case: list[dict[str, Any]]) -> dict[str, Any]:
-    """The results document: model, data, per-case metrics, per-modality and overall means."""
+def _bundle_profile(bundle: Path) -> str | None:
+    """The bundle's default inference profile (``configs/inference.json`` id ``profile``)."""
+    try:
+        return json.loads((bundle / "configs" / "inference.json").read_text()).get("profile")
+    except (OSError, ValueError):
+        return None
+
+
+def build_results(
+    bundle: Path, data_dir: Path, per_case: list[dict[str, Any]], profile: str | None = None
+) -> dict[str, Any]:
+    """The results document: model (with the inference profile; None for given predictions), data, per-case metrics,
+    per-modality and overall means."""
     from scripts.metrics import summarise
 
     by_modality = summarise(per_case, key="modality")
     results: dict[str, Any] = {
-        "model": model_info(bundle),
+        "model": {**model_info(bundle), "profile": profile},
         "data": str(data_dir.resolve()),
         "per_case": per_case,
         "per_modality": by_modality["groups"],
@@ -306,9 +323,10 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     if args.predictions is None:
         for case in cases:
             check_same_grid(case.label, case.image)
-        run_inference(args.model, cases, args.data, pred_dir, args.device)
+        run_inference(args.model, cases, args.data, pred_dir, args.device, args.profile)
     per_case = [evaluate_case(case, prediction_path(pred_dir, case.image), args.data) for case in cases]
-    results = build_results(args.model, args.data, per_case)
+    profile = None if args.predictions else (args.profile or _bundle_profile(args.model))
+    results = build_results(args.model, args.data, per_case, profile)
     if pred_dir != scratch:
         results["predictions"] = str(pred_dir.resolve())
     return results

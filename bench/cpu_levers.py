@@ -116,20 +116,35 @@ def main(argv: list[str] | None = None) -> int:
     for lever in args.levers:
         command = [sys.executable, __file__, "--arch", args.arch, "--size", *map(str, size), "--child", lever,
                    "--repeats", str(args.repeats)]  # fmt: skip
-        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+        process = subprocess.run(command, env=env, capture_output=True, text=True)
+        if process.returncode == 0:
+            rows.append(json.loads(process.stdout.strip().splitlines()[-1]))
+        else:  # e.g. torch.compile without a working C++ toolchain: record why, keep going
+            rows.append({"lever": lever, "error": (process.stderr.strip().splitlines() or ["failed"])[-1][:300]})
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["median_seconds_per_tile"]
-    print(f"\n| lever | s/tile | vs {rows[0]['lever']} | first call s | peak RSS GB |\n|---|---|---|---|---|")
-    for row in rows:
-        ratio = base / row["median_seconds_per_tile"]
-        print(f"| {row['lever']} | {row['median_seconds_per_tile']} | {ratio:.2f}x | {row['first_call_seconds']} "
-              f"| {row['peak_rss_gb']} |")  # fmt: skip
     out = args.out or RESULTS / f"cpu_levers_{args.arch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"arch": args.arch, "size": size, "load_average": list(os.getloadavg()),
                                "rows": rows}, indent=2) + "\n")  # fmt: skip
+    print(markdown(rows))
     return 0
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A table of seconds per tile, ratio to the first lever, first call and peak RSS."""
+    base = rows[0].get("median_seconds_per_tile")
+    lines = [
+        f"| lever | s/tile | speed-up vs {rows[0]['lever']} | first call s | peak RSS GB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['lever']} | failed: {row['error']} | | | |")
+            continue
+        ratio = base / row["median_seconds_per_tile"] if base else float("nan")
+        lines.append(f"| {row['lever']} | {row['median_seconds_per_tile']} | {ratio:.2f}x | "
+                     f"{row['first_call_seconds']} | {row['peak_rss_gb']} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -191,12 +191,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, ISA {', '.join(machine['isa_flags'])}, "
         f"{machine['memory_gb']} GB, torch {machine['torch']} ({machine['torch_threads']} threads, "
         f"{machine['torch_cpu_capability']}); load average at start {machine['load_average_at_start'][0]:.2f}.",
-        f"Study: {results['study']}. Medians of {results['repeats']} run(s) each; seconds per stage from report.json,",
+        f"Study: {results['study']}. Device: {results['device']}. Medians over the runs (column `runs`); seconds per "
+        "stage from report.json,",
         "wall = the whole `mome-seg` process (imports, graph, model load included), RSS = its peak.",
         "",
-        "| model | profile | tiles | DICOM load | registration | to MoME | network | to native | SEG write | QC "
+        "| model | profile | runs | tiles | DICOM load | registration | to MoME | network | to native | SEG write | QC "
         "| wall | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, profiles in results["runs"].items():
         for profile, summary in profiles.items():
@@ -204,7 +205,7 @@ def markdown(results: dict[str, Any]) -> str:
             tiles = f"{info.get('n_tiles', '?')} x {info.get('tile_size', '?')}"
             cells = [s[stage] for stage in STAGES]
             lines.append(
-                f"| {model} | {profile} | {tiles} | " + " | ".join(f"{c}" for c in cells)
+                f"| {model} | {profile} | {summary['repeats']} | {tiles} | " + " | ".join(f"{c}" for c in cells)
                 + f" | {summary['median_wall_seconds']} | {summary['max_peak_rss_gb']} |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -214,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["demo", "release"], choices=["demo", "release"])
     parser.add_argument("--profiles", nargs="+", default=["fast", "parity"], choices=["fast", "parity", "accurate"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per profile (demo model)")
+    parser.add_argument("--release-repeats", type=int, default=1, help="runs per profile (release model, ~25 min each)")
+    parser.add_argument(
+        "--release-profiles", nargs="+", choices=["fast", "parity", "accurate"], help="default: --profiles"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU path (AMP)")
     parser.add_argument("--workdir", type=Path, default=REPO / ".bench" / "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "cpu_profiles.json")
@@ -224,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     bundles = {"demo": BUNDLE}
     if "release" in args.models:
         bundles["release"] = make_release_bundle(args.workdir)
-    results: dict[str, Any] = {"machine": machine_facts(), "device": args.device, "repeats": args.repeats, "runs": {}}
+    results: dict[str, Any] = {"machine": machine_facts(), "device": args.device, "runs": {}}
     results["study"] = "1 axial-oblique 3-D FLAIR, 192 x 256 x 256 x 1 mm, synthetic glioma"
     for model in args.models:
-        runs: dict[str, list] = {profile: [] for profile in args.profiles}
-        for repeat in range(args.repeats):  # profiles interleaved, each run a fresh process: drift hits all alike
-            for profile in args.profiles:
+        profiles = (args.release_profiles or args.profiles) if model == "release" else args.profiles
+        runs: dict[str, list] = {profile: [] for profile in profiles}
+        repeats = args.release_repeats if model == "release" else args.repeats
+        for repeat in range(repeats):  # profiles interleaved, each run a fresh process: drift hits all alike
+            for profile in profiles:
                 runs[profile].append(run_once(study, bundles[model], profile, args.workdir / "out", args.device))
                 print(f"{model} {profile} #{repeat + 1}: {json.dumps(runs[profile][-1])}", flush=True)
         results["runs"][model] = {profile: {**summarise(rs), "runs": rs} for profile, rs in runs.items()}

@@ -7,5 +7,5 @@ ulimit -s 32768 2>/dev/null || true
 PY=${PY:-.venv/bin/python}
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-$PY bench/cpu_profiles.py --device cuda --models release demo --profiles fast parity --repeats 3 \
+$PY bench/cpu_profiles.py --device cuda --models release demo --profiles fast parity --repeats 3 --release-repeats 3 \
     --out bench/results/gpu_profiles.json

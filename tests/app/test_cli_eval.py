@@ -80,8 +80,9 @@ def hand_predictions(dataset: Path, folder: Path) -> dict[str, float]:
 def test_bundle_inference_results(dataset, converted_bundle, tmp_path, capsys):
     out = tmp_path / "report" / "results.json"
     args = ["--data", str(dataset), "--model", str(converted_bundle), "--out", str(out), "--device", "cpu"]
-    assert eval_main(args) == 0
+    assert eval_main([*args, "--profile", "parity"]) == 0
     results = json.loads(out.read_text())
+    assert results["model"]["profile"] == "parity"
 
     meta = json.loads((converted_bundle / "configs" / "metadata.json").read_text())
     assert results["model"]["name"] == meta["name"] and results["model"]["version"] == meta["version"]
