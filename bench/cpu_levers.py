@@ -66,9 +66,7 @@ def measure(arch: str, size: list[int], lever: str, repeats: int) -> dict[str, A
         experts, weights = network._run(t, None, False)
         return network.fuse([levels[0] for levels in experts], weights[0])
 
-    forward = concatenated if lever == "baseline" else network.forward_lean
-    if lever == "inference_mode":
-        forward = concatenated
+    forward = concatenated if lever in ("baseline", "inference_mode") else network.forward_lean
     if lever == "compile":
         forward = torch.compile(network.forward_lean, dynamic=False)
     grad_context = torch.no_grad if lever == "baseline" else torch.inference_mode

@@ -28,7 +28,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.metrics import dice
-from scripts.profiles import ProfileInferer, default_threads
+from scripts.profiles import ProfileInferer
 
 PROFILE_ORDER = ("parity", "fast", "accurate")
 
@@ -56,46 +56,46 @@ def pick_cases(data: Path, per_modality: int) -> list[dict[str, Any]]:
 
 def make_inferer(parser: ConfigParser, name: str, variants: dict[str, tuple[float, float]]) -> ProfileInferer:
     """The profile ``name``, or the ``fast`` profile with a variant's tile step and scale."""
-    profile, overrides = (name, {}) if name in PROFILE_ORDER else ("fast", {})
-    if name in variants:
-        overrides = {"tile_step": variants[name][0], "tile_scale": variants[name][1]}
+    profile = name if name in PROFILE_ORDER else "fast"
+    overrides = {"tile_step": variants[name][0], "tile_scale": variants[name][1]} if name in variants else {}
     roi, axes = parser.get("patch_size"), parser.get("mirror_axes")
     return ProfileInferer(profile, roi_size=roi, mirror_axes=axes, **overrides)
 
 
-def segment(parser: ConfigParser, network: torch.nn.Module, image: Path, inferer: ProfileInferer):
-    """Labels (bundle axis order) and network seconds of one case."""
-    data = parser.get_parsed_content("preprocessing", instantiate=True)({"image": str(image)})
+def segment(network: torch.nn.Module, image: torch.Tensor, inferer: ProfileInferer) -> tuple[np.ndarray, float]:
+    """Labels (bundle axis order) and network seconds of one preprocessed image ``(C, D, H, W)``."""
     started = time.perf_counter()
     with torch.inference_mode():
-        logits = inferer(data["image"][None], network)[0]
+        logits = inferer(image[None], network)[0]
     seconds = time.perf_counter() - started
     return logits.argmax(0).numpy().astype(np.uint8), seconds
 
 
-def truth(data: Path, entry: dict[str, Any], parser: ConfigParser) -> np.ndarray:
-    """Ground-truth label in the same axis order as :func:`segment`'s output."""
-    loader = parser.get_parsed_content("preprocessing", instantiate=True).transforms[:3]
+def truth(data: Path, entry: dict[str, Any], preprocessing: Any) -> np.ndarray:
+    """Ground-truth label in the same axis order as :func:`segment`'s output (the loading steps only)."""
     label = {"image": str(data / entry["label"])}
+    loader = preprocessing.transforms[:3]
     for transform in loader:
         label = transform(label)
     return np.asarray(label["image"][0]).astype(np.uint8)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads or default_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parser, network = load_bundle(args.model)
+    preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
     variants = {name: (float(step), float(scale)) for name, step, scale in args.variant or []}
     names = [*args.profiles, *variants]
     inferers = {name: make_inferer(parser, name, variants) for name in names}
     cases = []
     for entry in pick_cases(args.data, args.per_modality):
-        image = args.data / entry["image"]
-        gt = truth(args.data, entry, parser)
+        image = preprocessing({"image": str(args.data / entry["image"])})["image"]
+        gt = truth(args.data, entry, preprocessing)
         labels, row = {}, {"case": entry["case"], "modality": entry["modality"], "seconds": {}, "dice_to_truth": {}}
         row["tiles"] = {}
         for name in names:
-            labels[name], row["seconds"][name] = segment(parser, network, image, inferers[name])
+            labels[name], row["seconds"][name] = segment(network, image, inferers[name])
             row["dice_to_truth"][name] = dice(labels[name], gt)
             row["tiles"][name] = inferers[name].describe()["n_tiles"]
         row["agreement_with_parity"] = {n: dice(labels[n], labels["parity"]) for n in names if n != "parity"}

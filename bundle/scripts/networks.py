@@ -334,14 +334,11 @@ class MoME(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fused full-resolution logits (eval); the training dict in training mode (see class docstring)."""
-        if torch.jit.is_scripting():
-            expert_logits, weights = self._run(x, None, False)
-            return self.fuse([levels[0] for levels in expert_logits], weights[0])
-        if self.training:
-            return self.forward_train(x)  # type: ignore[return-value]
-        gate_input_bytes = x.numel() // x.shape[1] * self.gate.in_channels * x.element_size()
-        if gate_input_bytes >= LEAN_GATE_MIN_BYTES:
-            return self.forward_lean(x)
+        if not torch.jit.is_scripting():
+            if self.training:
+                return self.forward_train(x)  # type: ignore[return-value]
+            if x.numel() // x.shape[1] * self.gate.in_channels * x.element_size() >= LEAN_GATE_MIN_BYTES:
+                return self.forward_lean(x)
         expert_logits, weights = self._run(x, None, False)
         return self.fuse([levels[0] for levels in expert_logits], weights[0])
 

@@ -11,11 +11,11 @@ accurate   parity plus 8-fold mirroring (the authors' published setting).
 =========  ==============================================================================================
 
 Why ``fast`` keeps parity's tiles: fewer or larger tiles (step 0.75, tiles 1.33x the patch, one whole-volume
-tile) are 1.5-16x faster but changed the demo model's labels far beyond the quality guard (agreement with parity
-0.12-0.67 against a bar of 0.98; ``bench/results/profile_agreement.md``): with instance normalisation every tile's
+tile) are 3-23x faster but changed the demo model's labels far beyond the quality guard (agreement with parity
+0.11-0.67 against a bar of 0.98; ``bench/results/profile_agreement.md``): with instance normalisation every tile's
 statistics depend on its field of view. They stay available as the ``tile_step`` / ``tile_scale`` overrides for
-models validated with ``bench/profile_agreement.py``. The exact levers (no deep-supervision heads, the memory-lean
-gate, ``torch.inference_mode``, thread count) apply to every profile.
+models validated with ``bench/profile_agreement.py``. The exact levers (no deep-supervision heads, pairs of small
+tiles per network call, the memory-lean gate for large inputs, ``torch.inference_mode``) apply to every profile.
 
 On CUDA an out-of-memory error falls back from enlarged tiles to patch-sized tiles, then to accumulating the tiles
 in CPU memory; ``tta=True`` adds mirroring to any profile.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -44,7 +43,6 @@ __all__ = [
     "ProfileSettings",
     "auto_batch_size",
     "available_memory_bytes",
-    "default_threads",
     "cpu_has_native_bf16",
     "recoverable",
     "tile_bytes",
@@ -79,9 +77,10 @@ PROFILES: Dict[str, ProfileSettings] = {
     "accurate": ProfileSettings(tile_scale=1.0, tile_step=0.5, tta=True, accumulate_dtype="float16", cpu_bf16=False),
 }
 
-# Peak bytes of a MoME pass per tile voxel and per stage-0 feature channel, float32 (measured on the release
-# architecture with the memory-lean gate; see bench/results/cpu_profiles.md). Used to decide whether an enlarged tile
-# fits; patch-sized tiles are the fallback.
+# Peak bytes of a MoME pass per tile voxel and per stage-0 feature channel, float32. From
+# bench/results/cpu_levers_release.json: a 128^3 release tile with the memory-lean gate peaked at 3.02 GB RSS, of
+# which ~1.3 GB are weights and the process, i.e. ~26 bytes per voxel and channel. Used to decide whether an enlarged
+# tile fits; patch-sized tiles are the fallback.
 BYTES_PER_VOXEL_CHANNEL = 24.0
 
 
@@ -120,9 +119,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def tile_bytes(spatial_size: Sequence[int], stage0_channels: int, element_size: int = 4) -> int:
     """Estimated peak bytes of one MoME pass over a tile of ``spatial_size`` voxels."""
-    voxels = 1
-    for size in spatial_size:
-        voxels *= int(size)
+    voxels = math.prod(int(size) for size in spatial_size)
     return int(voxels * stage0_channels * BYTES_PER_VOXEL_CHANNEL * element_size / 4)
 
 
@@ -305,8 +302,7 @@ PAIR_TILES_BELOW_BYTES = 256 * 2**20
 def auto_batch_size(roi: Sequence[int], network: Any) -> int:
     """2 tiles per network call for small tiles, 1 for large ones (see ``PAIR_TILES_BELOW_BYTES``)."""
     voxels = math.prod(int(r) for r in roi)
-    gate = getattr(network, "gate", network)
-    channels = int(getattr(gate, "in_channels", 1) or 1)
+    channels = int(getattr(_gate(network), "in_channels", 1) or 1)
     return 2 if 2 * voxels * channels * 4 < PAIR_TILES_BELOW_BYTES else 1
 
 
@@ -320,20 +316,16 @@ def _size_divisor(network: Any) -> tuple[int, int, int]:
     return tuple(int(d) for d in divisor)  # type: ignore[return-value]
 
 
+def _gate(network: Any) -> Any:
+    """A MoME's gate U-Net (whose input is the widest tensor), or the network itself."""
+    return getattr(network, "gate", network)
+
+
 def _stage0_channels(network: Any) -> int:
     """Stage-0 feature channels of a MoME / U-Net (the width that dominates whole-volume memory)."""
-    gate = getattr(network, "gate", network)
-    features = getattr(gate, "features_per_stage", None)
+    features = getattr(_gate(network), "features_per_stage", None)
     return int(features[0]) if features else 32
 
 
 def _padded_size(size: Sequence[int], roi: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(int(s), int(r)) for s, r in zip(size, roi))
-
-
-def default_threads() -> int:
-    """CPU threads for inference: the CPUs this process may run on (affinity), or ``os.cpu_count()``."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
