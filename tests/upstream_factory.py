@@ -86,8 +86,10 @@ def _conv_block(sd, prefix, cin, cout, kernel, gen, alias_prefixes=()):
             sd[extra + prefix + alias] = tensor
 
 
-def random_upstream_unet(in_ch, out_ch, features, kernels, strides, n_enc, n_dec, gen) -> OrderedDict:
-    """A random state_dict with nnU-Net's exact keys, including the alias keys it saves."""
+def random_upstream_unet(in_ch, out_ch, features, kernels, strides, n_enc, n_dec, gen, prior=0) -> OrderedDict:
+    """A random state_dict with nnU-Net's exact keys, including the alias keys it saves.
+
+    ``prior`` > 0 widens the first transposed conv by the prior channels (MoME+'s gate: 320 + 4 = 324 inputs)."""
     sd: OrderedDict = OrderedDict()
     cin = in_ch
     for s, feats in enumerate(features):
@@ -105,7 +107,7 @@ def random_upstream_unet(in_ch, out_ch, features, kernels, strides, n_enc, n_dec
     n = len(features)
     for d in range(n - 1):
         skip = n - 2 - d
-        below, feats = features[skip + 1], features[skip]
+        below, feats = features[skip + 1] + (prior if d == 0 else 0), features[skip]
         sd[f"decoder.transpconvs.{d}.weight"] = torch.randn(below, feats, *strides[skip + 1], generator=gen) * 0.2
         sd[f"decoder.transpconvs.{d}.bias"] = torch.randn(feats, generator=gen) * 0.1
         for j in range(n_dec[d]):
@@ -183,8 +185,10 @@ def _block(sd, prefix, x, kernel, stride=(1, 1, 1)):
     return F.leaky_relu(x, 0.01)
 
 
-def reference_unet(sd, x, arch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stage-0 features, full-resolution logits) of nnU-Net's PlainConvUNet, straight from upstream keys."""
+def reference_unet(sd, x, arch, prior=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stage-0 features, full-resolution logits) of nnU-Net's PlainConvUNet, straight from upstream keys.
+
+    ``prior`` ``(B, P)`` is appended as constant maps to the bottleneck (MoME+'s ``Mod_Prior``)."""
     skips = []
     n = len(arch["features"])
     for s in range(n):
@@ -197,6 +201,9 @@ def reference_unet(sd, x, arch) -> tuple[torch.Tensor, torch.Tensor]:
                 arch["strides"][s] if j == 0 else (1, 1, 1),
             )
         skips.append(x)
+    if prior is not None:
+        maps = prior[:, :, None, None, None] * torch.ones((1, 1, *x.shape[2:]))
+        x = torch.cat([x, maps], 1)
     for d in range(n - 1):
         skip = n - 2 - d
         up = F.conv_transpose3d(
@@ -224,3 +231,96 @@ def reference_mome(weights: dict, plans: dict, x: torch.Tensor, n_classes: int) 
         logits.append(e)
     _, gate = reference_unet(weights["checkpoint_best.pth"], torch.cat(features, 1), arch)
     return sum(logits[k] * gate[:, n_classes * k : n_classes * (k + 1)] for k in range(n_experts))
+
+
+def _dispatch_weights(m: int, gen: torch.Generator) -> OrderedDict:
+    sizes = [(m, m), (2 * m, m), (m * m, 2 * m), (m * m, m * m)]
+    sd: OrderedDict = OrderedDict()
+    for layer, (out_f, in_f) in zip((0, 2, 4, 6), sizes):
+        sd[f"mlp.{layer}.weight"] = torch.randn(out_f, in_f, generator=gen) * 0.8
+        sd[f"mlp.{layer}.bias"] = torch.randn(out_f, generator=gen) * 0.3
+    return sd
+
+
+def write_momeplus_checkpoint_set(
+    folder: Path, plans: dict, labels: dict, n_modalities: int = 4, seed: int = 0
+) -> dict:
+    """MoME+ layout: gate ``checkpoint_best.pth`` (M + M*F0 inputs, prior M at the bottleneck, M*C outputs),
+    experts ``checkpoint_best1..M.pth`` (1 -> C) and ``checkpoint_best_dispatch.pth`` holding only
+    ``network_weights`` and ``inference_allowed_mirroring_axes``; returns the weights by file name."""
+    arch = _arch(plans)
+    n_classes = len(labels)
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for index in range(n_modalities + 1):
+        gate = index == 0
+        sd = random_upstream_unet(
+            n_modalities + n_modalities * arch["features"][0] if gate else 1,
+            n_modalities * n_classes if gate else n_classes,
+            arch["features"], arch["kernels"], arch["strides"], arch["n_enc"], arch["n_dec"], gen,
+            prior=n_modalities if gate else 0,
+        )  # fmt: skip
+        checkpoint = {
+            "network_weights": sd,
+            "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "momentum": 0.99, "nesterov": True}]},
+            "grad_scaler_state": None,
+            "logging": {"mean_fg_dice": [0.1], "ema_fg_dice": [0.1]},
+            "_best_ema": np.float64(0.1),
+            "current_epoch": 1,
+            "init_args": {
+                "plans": plans,
+                "configuration": "3d_fullres",
+                "fold": "MoME",
+                "dataset_json": {"channel_names": {"0": "MRI"}, "labels": labels},
+                "unpack_dataset": True,
+                "device": torch.device("cpu"),
+            },
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+        }
+        name = "checkpoint_best.pth" if gate else f"checkpoint_best{index}.pth"
+        torch.save(checkpoint, folder / name)
+        weights[name] = sd
+    dispatch = _dispatch_weights(n_modalities, gen)
+    torch.save(
+        {"network_weights": dispatch, "inference_allowed_mirroring_axes": (0, 1, 2)},
+        folder / "checkpoint_best_dispatch.pth",
+    )
+    weights["checkpoint_best_dispatch.pth"] = dispatch
+    return weights
+
+
+def reference_dispatch(sd: dict, c: torch.Tensor) -> torch.Tensor:
+    """``D*`` computed the way the authors' trainer does, row by row (independent of ``scripts.networks``)."""
+    h = c.float()
+    for layer in (0, 2, 4):
+        h = F.relu(F.linear(h, sd[f"mlp.{layer}.weight"], sd[f"mlp.{layer}.bias"]))
+    m = c.shape[1]
+    raw = F.linear(h, sd["mlp.6.weight"], sd["mlp.6.bias"]).reshape(-1, m, m)
+    out = torch.zeros_like(raw)
+    for b in range(raw.shape[0]):
+        for i in range(m):
+            row = raw[b, i]
+            row = (row - row.min() + 1e-4) / (row.max() - row.min() + 1e-4)
+            row = row * c[b].float()
+            if c[b, i] == 1:
+                row = torch.zeros(m)
+                row[i] = 1.0
+            out[b, i] = row
+    return out
+
+
+def reference_momeplus(weights: dict, plans: dict, x: torch.Tensor, c: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """MoME+ fused logits from upstream-format weights: dispatch, 4 experts on S[:, k], prior-conditioned gate."""
+    arch = _arch(plans)
+    m = x.shape[1]
+    d = reference_dispatch(weights["checkpoint_best_dispatch.pth"], c)
+    s = torch.einsum("bij,bjxyz->bixyz", d, x)
+    features, logits = [s], []
+    for k in range(m):
+        f0, e = reference_unet(weights[f"checkpoint_best{k + 1}.pth"], s[:, k : k + 1], arch)
+        features.append(f0)
+        logits.append(e)
+    _, gate = reference_unet(weights["checkpoint_best.pth"], torch.cat(features, 1), arch, prior=c.float())
+    return sum(logits[k] * gate[:, n_classes * k : n_classes * (k + 1)] for k in range(m))

@@ -6,10 +6,13 @@ Usage::
     cd bundle && python -m scripts.convert_upstream --src SRC --out BUNDLE_DIR
 
 ``SRC`` is a folder in the authors' ``MoME_CHECKPOINT`` layout (``checkpoint_best.pth`` = gate,
-``checkpoint_best1..5.pth`` = experts T1, T1ce, T2, FLAIR, DWI). The architecture, patch size, spacing,
-normalisation and labels are read from the checkpoints' nnU-Net plans; the bundle's configs are adapted to them and
-``models/model.pt`` holds a plain state_dict of ``network_def``. The bundle is assembled in a temporary folder and
-moved into place only when complete, so a failed conversion leaves nothing behind.
+``checkpoint_best1..5.pth`` = experts T1, T1ce, T2, FLAIR, DWI) or their MoME+ layout (``checkpoint_best.pth`` = gate,
+``checkpoint_best1..4.pth`` = experts T1, T1ce, T2, FLAIR, ``checkpoint_best_dispatch.pth`` = dispatch MLP). The
+architecture, patch size, spacing, normalisation and labels are read from the checkpoints' nnU-Net plans; the
+bundle's configs are adapted to them. A MoME bundle holds ``models/model.pt`` (plain state_dict of ``network_def`` of
+``configs/inference.json``); a MoME+ bundle holds ``models/model_plus.pt`` for ``configs/inference_plus.json``, which
+is also written as its ``configs/inference.json`` (the MoME-only configs are left out). The bundle is assembled in a
+temporary folder and moved into place only when complete, so a failed conversion leaves nothing behind.
 
 Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .networks import MoME
+from .networks import MoME, MoMEPlus
 from .upstream import ArchitectureSpec, CheckpointError, UpstreamMoME, read_mome_checkpoints
 
 __all__ = ["BUNDLE_TEMPLATE", "convert", "main", "parse_sha256_args", "write_bundle"]
@@ -42,12 +45,22 @@ _TEMPLATE_ITEMS = (
     "configs/inference_native.json",
     "configs/train.json",
     "configs/train_expert.json",
+    *("configs/inference_plus.json", "configs/train_plus.json"),
     "scripts",
     "resources",
     "docs",
     "LICENSE",
 )
 _ARCHITECTURE_CONFIGS = ("configs/inference.json", "configs/train.json", "configs/train_expert.json")
+_PLUS_ARCHITECTURE_CONFIGS = ("configs/inference_plus.json", "configs/train_plus.json", "configs/train_expert.json")
+_MOME_ONLY_CONFIGS = ("configs/train.json", "configs/inference_native.json")
+_PLUS_DESCRIPTION = (
+    "MoME+ (IEEE TMI 2025): four nnU-Net-style modality experts (T1, T1ce, T2, FLAIR), a dispatch network that fills "
+    "missing modalities with soft mixes of the available ones, and a gating U-Net conditioned on the availability "
+    "vector, with the authors' weights converted by mome-convert. Input is the co-registered contrasts of one subject "
+    "in MoME space (any non-empty subset; missing channels absent or zero) plus the availability vector; output is a "
+    "label map of the checkpoint's classes (BraTS sub-regions)."
+)
 # The template's metadata describes the synthetic-data demo model; converted bundles describe the authors' weights.
 _UPSTREAM_METADATA = {
     "description": (
@@ -65,6 +78,15 @@ _UPSTREAM_METADATA = {
         "over the whole cropped volume"
     ),
     "eval_metrics": {"mean_dice": 0.0},
+}
+_PLUS_METADATA = {
+    "task": "Brain tumour sub-region segmentation from any subset of T1, T1ce, T2 and FLAIR with one model (MoME+)",
+    "description": _PLUS_DESCRIPTION,
+    "data_source": "Authors' training data for MoME+: BraTS 2021",
+    "image_classes": (
+        "T1, T1ce, T2, FLAIR channels in this order, co-registered in MNI152 2009a space at the checkpoint's spacing, "
+        "each z-scored; missing channels zero, with the availability vector"
+    ),
 }
 _LESION_SYNONYMS = {"abnormal", "abnormality", "lesion", "lesions"}
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
@@ -102,11 +124,12 @@ def _channel_def(labels: Mapping[str, int]) -> dict[str, str]:
 
 
 def _adapt_inference_config(config: dict[str, Any], spec: ArchitectureSpec, modalities: Sequence[str]) -> None:
+    if "in_channels" in config:  # MoME configs; MoME+ experts take one dispatched channel each
+        config["in_channels"] = spec.in_channels
     config.update(
         {
             "modalities": list(modalities),
             "num_classes": spec.num_classes,
-            "in_channels": spec.in_channels,
             "features_per_stage": spec.features_per_stage,
             "kernel_sizes": spec.kernel_sizes,
             "strides": spec.strides,
@@ -124,12 +147,21 @@ def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path, div
     spec = upstream.spec
     meta.update(_UPSTREAM_METADATA)
     meta.pop("demo_model", None)
+    plus = meta.pop("mome_plus", None)
+    if upstream.is_plus:
+        meta.update(_PLUS_METADATA)
+        meta["network_data_format"] = plus["network_data_format"]
     # twice the divisor: a 1-voxel bottleneck cannot be instance-normalised
     shape = [f"{2 * d}*n" for d in divisor]
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
-    image.update({"num_channels": spec.in_channels, "spatial_shape": shape})
+    channels = len(upstream.modalities) if upstream.is_plus else spec.in_channels
+    image.update({"num_channels": channels, "spatial_shape": shape})
+    if upstream.is_plus:
+        image["channel_def"] = {str(k): name for k, name in enumerate(upstream.modalities)}
     pred.update({"num_channels": spec.num_classes, "spatial_shape": shape, "channel_def": _channel_def(spec.labels)})
+    labels = ", ".join(f"{value} {name}" for value, name in pred["channel_def"].items())
+    meta["label_classes"] = meta["pred_classes"] = f"single-channel label map: {labels}"
     meta["upstream_checkpoints"] = {
         "source_folder": src.name,
         "sha256": upstream.sha256,
@@ -142,9 +174,13 @@ def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path, div
 
 
 def build_network(upstream: UpstreamMoME) -> MoME:
-    """Instantiates :class:`MoME` for the checkpoint set and loads its weights after an explicit shape check."""
+    """Instantiates :class:`MoME` / :class:`MoMEPlus` for the checkpoint set and loads its weights after an explicit
+    shape check."""
     spec = upstream.spec
-    network = MoME(len(upstream.modalities), spec.in_channels, spec.num_classes, **spec.topology())
+    if upstream.is_plus:
+        network: MoME = MoMEPlus(len(upstream.modalities), spec.num_classes, **spec.topology())
+    else:
+        network = MoME(len(upstream.modalities), spec.in_channels, spec.num_classes, **spec.topology())
     expected = network.state_dict()
     missing = sorted(set(expected) - set(upstream.state_dict))
     unexpected = sorted(set(upstream.state_dict) - set(expected))
@@ -172,7 +208,7 @@ def write_bundle(upstream: UpstreamMoME, network: MoME, out: Path, src: Path, to
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    for name in _ARCHITECTURE_CONFIGS:
+    for name in _PLUS_ARCHITECTURE_CONFIGS if upstream.is_plus else _ARCHITECTURE_CONFIGS:
         config_path = out / name
         config = json.loads(config_path.read_text())
         _adapt_inference_config(config, upstream.spec, upstream.modalities)
@@ -182,6 +218,16 @@ def write_bundle(upstream: UpstreamMoME, network: MoME, out: Path, src: Path, to
     _adapt_metadata(meta, upstream, src, network.size_divisor)
     meta_path.write_text(json.dumps(meta, indent=4) + "\n")
     (out / "models").mkdir(exist_ok=True)
+    if upstream.is_plus:
+        for name in _MOME_ONLY_CONFIGS:
+            (out / name).unlink()
+        shutil.copy2(out / "configs/inference_plus.json", out / "configs/inference.json")
+        torch.save(network.state_dict(), out / "models/model_plus.pt")
+        if torchscript:
+            raise CheckpointError(
+                "--torchscript is not supported for MoME+ (its forward takes an availability vector)."
+            )
+        return
     torch.save(network.state_dict(), out / "models/model.pt")
     if torchscript:
         _export_torchscript(out)
@@ -242,9 +288,15 @@ def convert(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mome-convert",
-        description="Convert the MoME authors' checkpoint folder (MoME_CHECKPOINT layout) into a MONAI bundle.",
+        description="Convert the MoME authors' checkpoint folder (MoME_CHECKPOINT layout, MoME or MoME+) into a MONAI bundle.",
     )
-    parser.add_argument("src", nargs="?", type=Path, help="folder with checkpoint_best.pth and checkpoint_best1..5.pth")
+    parser.add_argument(
+        "src",
+        nargs="?",
+        type=Path,
+        help="folder with checkpoint_best.pth and checkpoint_best1..5.pth (MoME) or checkpoint_best1..4.pth and "
+        "checkpoint_best_dispatch.pth (MoME+)",
+    )
     parser.add_argument("--src", dest="src_option", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", "-o", required=True, type=Path, help="bundle folder to create")
     parser.add_argument(
@@ -254,7 +306,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=HEX|SUMS_FILE",
         help="verify checkpoint files before loading (repeatable; or a sha256sum-format file)",
     )
-    parser.add_argument("--modalities", help="comma-separated expert names (default t1,t1ce,t2,flair,dwi)")
+    parser.add_argument(
+        "--modalities", help="comma-separated expert names (default t1,t1ce,t2,flair,dwi; MoME+ t1,t1ce,t2,flair)"
+    )
     parser.add_argument("--torchscript", action="store_true", help="also write models/model.ts (ckpt_export)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out folder")
     parser.add_argument("--verbose", "-v", action="store_true", help="log progress")

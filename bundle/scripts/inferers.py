@@ -200,7 +200,21 @@ class NNUNetSlidingWindowInferer(Inferer):
         if inputs.ndim != 5:
             raise ValueError(f"expected inputs of shape (B, C, D, H, W), got {tuple(inputs.shape)}.")
         images = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        outputs = torch.stack([self._infer_one(image, network, **kwargs) for image in images])
+        outputs = torch.stack(
+            [self._infer_one(image, network, **_kwargs_of_image(kwargs, index, len(images))) for index, image in
+             enumerate(images)]
+        )  # fmt: skip
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(outputs, inputs, dtype=outputs.dtype)[0]
         return outputs
+
+
+def _kwargs_of_image(kwargs: dict[str, Any], index: int, batch: int) -> dict[str, Any]:
+    """Per-image network arguments: a tensor with one row per image of the batch (e.g. MoME+'s availability
+    vector) is sliced to that image's row; anything else is passed unchanged."""
+    return {
+        key: value[index : index + 1]
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch
+        else value
+        for key, value in kwargs.items()
+    }

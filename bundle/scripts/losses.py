@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "MoMELoss",
+    "MoMEPlusLoss",
     "UNKNOWN_MODALITY",
     "curriculum_weight",
     "deep_supervision_weights",
@@ -115,5 +116,60 @@ class MoMELoss(nn.Module):
         weight = curriculum_weight(r, self.curriculum_exponent)
         fused = self.deep_supervision(outputs["fused"], target)
         expert = self.expert_loss(outputs["experts"], target, expert_index)
+        loss = weight * expert + (1.0 - weight) * fused
+        return {"loss": loss, "fused": fused.detach(), "expert": expert.detach(), "weight": torch.tensor(weight)}
+
+
+class MoMEPlusLoss(nn.Module):
+    """The MoME+ training loss for a batch (``mome-method.md`` section 8.4).
+
+    The expert loss of a sample is the mean deep-supervision loss over the experts of its *available* modalities
+    (an expert whose modality is missing sees a synthesised channel and is not supervised); per-sample expert
+    losses are summed over the batch (``"sum"``, as upstream) or averaged (``"mean"``). Unlike the authors' code as
+    committed, where the curriculum is computed and then overwritten by the fused loss, the curriculum is applied:
+    ``L = (1 - r)^p * L1 + (1 - (1 - r)^p) * L2``. ``curriculum=False`` reproduces the committed behaviour
+    (fused loss only).
+
+    Call with the training output of :class:`scripts.networks.MoMEPlus` (``fused``, ``experts``,
+    ``availability``), the target ``(B, 1, ...)`` and the progress ``r``. Returns ``loss``, ``fused``, ``expert``
+    and ``weight`` like :class:`MoMELoss`.
+    """
+
+    def __init__(
+        self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum", curriculum: bool = True
+    ) -> None:
+        super().__init__()
+        if expert_reduction not in ("sum", "mean"):
+            raise ValueError(f"expert_reduction must be 'sum' or 'mean', got {expert_reduction!r}.")
+        self.deep_supervision = nnunet_deep_supervision_loss(levels)
+        self.curriculum_exponent = curriculum_exponent
+        self.expert_reduction = expert_reduction
+        self.curriculum = curriculum
+
+    def expert_loss(
+        self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, availability: torch.Tensor
+    ) -> torch.Tensor:
+        """``sum_b mean_{k available in b} L_DS(E_k(S_b), y_b)`` (or the mean over samples)."""
+        if availability.shape != (target.shape[0], len(experts)):
+            raise ValueError(
+                f"availability {tuple(availability.shape)} does not match {target.shape[0]} samples x "
+                f"{len(experts)} experts."
+            )
+        per_sample = []
+        for b, row in enumerate(availability.tolist()):
+            available = [k for k, flag in enumerate(row) if flag > 0]
+            if not available:
+                raise ValueError(f"sample {b} has no available modality.")
+            terms = [
+                self.deep_supervision([level[b : b + 1] for level in experts[k]], target[b : b + 1]) for k in available
+            ]
+            per_sample.append(torch.stack(terms).mean())
+        total = torch.stack(per_sample).sum()
+        return total / len(per_sample) if self.expert_reduction == "mean" else total
+
+    def forward(self, outputs: Dict[str, list], target: torch.Tensor, r: float) -> Dict[str, torch.Tensor]:
+        weight = curriculum_weight(r, self.curriculum_exponent) if self.curriculum else 0.0
+        fused = self.deep_supervision(outputs["fused"], target)
+        expert = self.expert_loss(outputs["experts"], target, outputs["availability"])  # type: ignore[arg-type]
         loss = weight * expert + (1.0 - weight) * fused
         return {"loss": loss, "fused": fused.detach(), "expert": expert.detach(), "weight": torch.tensor(weight)}

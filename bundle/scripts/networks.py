@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvNormAct", "MoME", "PlainConvUNet", "he_init"]
+__all__ = ["ConvNormAct", "DispatchMLP", "MoME", "MoMEPlus", "PlainConvUNet", "constrain_dispatch", "he_init"]
 
 KernelLike = int | Sequence[int]
 
@@ -266,6 +266,8 @@ class MoME(nn.Module):
         features_per_stage, kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder: U-Net topology
             shared by experts and gate, see :class:`PlainConvUNet`.
         gate_prior_channels: prior vector width at the gate bottleneck (MoME+); 0 for MoME.
+        gate_image_channels: image channels the gate sees next to the expert features; defaults to
+            ``in_channels`` (MoME); MoME+ passes its ``M`` dispatched channels.
 
     Shapes:
         eval: ``(B, in_channels, D, H, W)`` -> fused logits ``(B, C, D, H, W)``.
@@ -286,6 +288,7 @@ class MoME(nn.Module):
         n_conv_per_stage: Sequence[int],
         n_conv_per_stage_decoder: Sequence[int],
         gate_prior_channels: int = 0,
+        gate_image_channels: int | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1 or num_classes < 1:
@@ -301,7 +304,8 @@ class MoME(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.experts = nn.ModuleList([PlainConvUNet(in_channels, num_classes, **topology) for _ in range(num_experts)])
-        gate_in = in_channels + num_experts * int(features_per_stage[0])
+        self.gate_image_channels = in_channels if gate_image_channels is None else int(gate_image_channels)
+        gate_in = self.gate_image_channels + num_experts * int(features_per_stage[0])
         self.gate = PlainConvUNet(
             gate_in, num_experts * num_classes, prior_channels=gate_prior_channels, **topology
         )  # fmt: skip
@@ -322,34 +326,47 @@ class MoME(nn.Module):
     def _run(
         self, x: torch.Tensor, prior: torch.Tensor | None, all_levels: bool
     ) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
-        """Expert logits per expert and level, and gate weights per level."""
-        stage0: List[torch.Tensor] = [x]
+        """Expert logits per expert and level, and gate weights per level (every expert sees ``x``)."""
+        return self._run_mixture(x, [x for _ in range(self.num_experts)], prior, all_levels)
+
+    def _run_mixture(
+        self, gate_image: torch.Tensor, expert_inputs: List[torch.Tensor], prior: torch.Tensor | None, all_levels: bool
+    ) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
+        """Runs expert ``k`` on ``expert_inputs[k]`` and the gate on ``[gate_image, stage-0 features...]``."""
+        stage0: List[torch.Tensor] = [gate_image]
         expert_logits: List[List[torch.Tensor]] = []
-        for expert in self.experts:
-            skips, logits = expert.forward_features(x, None, all_levels)
+        for k, expert in enumerate(self.experts):
+            skips, logits = expert.forward_features(expert_inputs[k], None, all_levels)
             stage0.append(skips[0])
             expert_logits.append(logits)
         weights = self.gate.forward_features(torch.cat(stage0, dim=1), prior, all_levels)[1]
         return expert_logits, weights
+
+    def _lean_gate_pays(self, x: torch.Tensor) -> bool:
+        """Whether the gate input of ``x`` is large enough for :meth:`forward_lean` to pay (see LEAN_GATE_MIN_BYTES)."""
+        return x.numel() // x.shape[1] * self.gate.in_channels * x.element_size() >= LEAN_GATE_MIN_BYTES
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fused full-resolution logits (eval); the training dict in training mode (see class docstring)."""
         if not torch.jit.is_scripting():
             if self.training:
                 return self.forward_train(x)  # type: ignore[return-value]
-            if x.numel() // x.shape[1] * self.gate.in_channels * x.element_size() >= LEAN_GATE_MIN_BYTES:
+            if self._lean_gate_pays(x):
                 return self.forward_lean(x)
         expert_logits, weights = self._run(x, None, False)
         return self.fuse([levels[0] for levels in expert_logits], weights[0])
 
     @torch.jit.unused
-    def forward_lean(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_lean(
+        self, x: torch.Tensor, prior: torch.Tensor | None = None, expert_inputs: List[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Fused full-resolution logits without materialising the gate's ``C_in + K * F0``-channel input.
 
         The gate's first convolution is linear in its input channels, so it is accumulated group by group: the
         image's share first, then each expert's share as soon as that expert has run, after which the expert's
         stage-0 features are released. Same result as :meth:`_run` + :meth:`fuse` up to float summation order;
         at MoME's 1 mm release size this saves the 161-channel tensor (1.35 GB per 128^3 tile in float32).
+        ``x`` is the gate's image input; expert ``k`` sees ``expert_inputs[k]`` (default ``x``, as in MoME).
         """
         block = self.gate.encoder[0][0]
         conv = block.conv
@@ -362,8 +379,8 @@ class MoME(nn.Module):
         stem = gate_share(x, 0, conv.bias)
         expert_logits: List[torch.Tensor] = []
         for k, expert in enumerate(self.experts):
-            skips, levels = expert.forward_features(x, None, False)
-            stem.add_(gate_share(skips[0], self.in_channels + k * width, None))
+            skips, levels = expert.forward_features(x if expert_inputs is None else expert_inputs[k], None, False)
+            stem.add_(gate_share(skips[0], self.gate_image_channels + k * width, None))
             expert_logits.append(levels[0])
             del skips, levels
         stem = block.act(block.norm(stem))
@@ -376,3 +393,149 @@ class MoME(nn.Module):
         expert_logits, weights = self._run(x, prior, True)
         fused = [self.fuse([levels[i] for levels in expert_logits], w) for i, w in enumerate(weights)]
         return {"fused": fused, "experts": expert_logits, "weights": weights}
+
+
+def constrain_dispatch(raw: torch.Tensor, availability: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """MoME+'s constrained dispatch matrix ``D*`` from the dispatch network's raw ``(B, M, M)`` output.
+
+    ``raw[b, i, j]`` scores source modality ``j`` for target channel ``i``. Following the authors' code: each row is
+    min-max normalised to ``(0, 1]`` (``(R - min + eps) / (max - min + eps)``); columns of missing modalities are
+    zeroed (only available modalities may act as sources); rows of available modalities become unit vectors, so an
+    available modality passes through unchanged. Rows are not renormalised to sum to 1 (as upstream).
+
+    Args:
+        raw: ``(B, M, M)`` dispatch scores.
+        availability: ``(B, M)`` 0/1 availability vector ``c``.
+
+    Returns:
+        ``(B, M, M)`` matrix ``D*``; the dispatched image is ``S[:, i] = sum_j D*[:, i, j] * X[:, j]``.
+    """
+    low = raw.amin(dim=2, keepdim=True)
+    high = raw.amax(dim=2, keepdim=True)
+    scaled = (raw - low + eps) / (high - low + eps)
+    present = availability.to(raw.dtype)
+    masked = scaled * present[:, None, :]
+    identity = torch.eye(raw.shape[1], dtype=raw.dtype, device=raw.device).expand_as(raw)
+    return torch.where(present[:, :, None] > 0, identity, masked)
+
+
+class DispatchMLP(nn.Module):
+    """MoME+'s dispatch network: an MLP on the availability vector alone (not on image content).
+
+    ``Linear(M, M) - ReLU - Linear(M, 2M) - ReLU - Linear(2M, M^2) - ReLU - Linear(M^2, M^2)``, reshaped to
+    ``(B, M, M)``; for the authors' ``M = 4`` this is 4-4-8-16-16 with 476 parameters and the keys ``mlp.0/2/4/6``.
+    """
+
+    def __init__(self, num_modalities: int) -> None:
+        super().__init__()
+        m = int(num_modalities)
+        if m < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}.")
+        self.num_modalities = m
+        self.mlp = nn.Sequential(
+            nn.Linear(m, m), nn.ReLU(), nn.Linear(m, 2 * m), nn.ReLU(), nn.Linear(2 * m, m * m), nn.ReLU(),
+            nn.Linear(m * m, m * m),
+        )  # fmt: skip
+
+    def forward(self, availability: torch.Tensor) -> torch.Tensor:
+        """``(B, M)`` availability -> ``(B, M, M)`` raw dispatch scores."""
+        m = self.num_modalities
+        return self.mlp(availability.to(self.mlp[0].weight.dtype)).reshape(-1, m, m)
+
+
+class MoMEPlus(MoME):
+    """MoME+ (IEEE TMI 2025): one model for any non-empty subset of ``M`` co-registered modalities.
+
+    The input holds the ``M`` modalities in a fixed channel order (T1, T1ce, T2, FLAIR for the authors' model)
+    with an availability vector ``c``. A dispatch MLP on ``c`` gives the constrained matrix ``D*``
+    (:func:`constrain_dispatch`); the dispatched image ``S = D* X`` keeps every available channel and fills every
+    missing one with a soft mix of available ones. Expert ``k`` segments ``S[:, k]``; the gate sees
+    ``[S, stage-0 features of every expert]`` and receives ``c`` as constant maps at its bottleneck; fusion is
+    MoME's (raw voxel- and class-wise weights at every decoder level).
+
+    Args:
+        num_modalities: ``M`` = number of experts and of input channels (4).
+        num_classes: classes ``C`` (4 for the BraTS sub-regions: background, NCR, ED, ET).
+        features_per_stage, kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder: U-Net topology
+            shared by experts and gate, see :class:`PlainConvUNet`.
+
+    Shapes:
+        ``x`` ``(B, M, D, H, W)``; ``availability`` ``(B, M)`` or ``(1, M)`` (broadcast over tiles), values 0/1,
+        at least one 1 per row; ``None`` marks every channel that is not identically zero in ``x`` as available
+        (only correct for whole images, not for tiles). Missing channels are ignored (zeroed before dispatch).
+        Eval output: fused logits ``(B, C, D, H, W)``; training output: MoME's dict plus ``dispatch`` (``D*``).
+    """
+
+    def __init__(
+        self,
+        num_modalities: int,
+        num_classes: int,
+        features_per_stage: Sequence[int],
+        kernel_sizes: Sequence[KernelLike],
+        strides: Sequence[KernelLike],
+        n_conv_per_stage: Sequence[int],
+        n_conv_per_stage_decoder: Sequence[int],
+    ) -> None:
+        super().__init__(
+            num_experts=num_modalities,
+            in_channels=1,
+            num_classes=num_classes,
+            features_per_stage=features_per_stage,
+            kernel_sizes=kernel_sizes,
+            strides=strides,
+            n_conv_per_stage=n_conv_per_stage,
+            n_conv_per_stage_decoder=n_conv_per_stage_decoder,
+            gate_prior_channels=num_modalities,
+            gate_image_channels=num_modalities,
+        )
+        self.num_modalities = int(num_modalities)
+        self.dispatch = DispatchMLP(num_modalities)
+
+    def availability_of(self, x: torch.Tensor, availability: torch.Tensor | None) -> torch.Tensor:
+        """Checked ``(B, M)`` float availability for ``x``; derived from non-zero channels when ``None``."""
+        batch, channels = x.shape[0], x.shape[1]
+        if channels != self.num_modalities:
+            raise ValueError(f"MoME+ expects {self.num_modalities} input channels, got {channels}.")
+        if availability is None:
+            availability = (x.detach().flatten(2).abs().amax(dim=2) > 0).to(x.dtype)
+        availability = availability.to(device=x.device, dtype=x.dtype).reshape(-1, channels)
+        if availability.shape[0] == 1 and batch > 1:
+            availability = availability.expand(batch, -1)
+        if availability.shape[0] != batch:
+            raise ValueError(f"availability has {availability.shape[0]} rows for a batch of {batch}.")
+        if not bool(((availability == 0) | (availability == 1)).all()) or not bool((availability.sum(1) > 0).all()):
+            raise ValueError("availability must be 0/1 with at least one available modality per sample.")
+        return availability
+
+    def dispatch_matrix(self, availability: torch.Tensor) -> torch.Tensor:
+        """``(B, M, M)`` constrained dispatch matrix ``D*`` for a checked availability vector."""
+        return constrain_dispatch(self.dispatch(availability), availability).to(availability.dtype)
+
+    def dispatched(self, x: torch.Tensor, availability: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(S, D*)``: the dispatched image ``S = D* X`` (missing channels of ``x`` zeroed first) and ``D*``."""
+        matrix = self.dispatch_matrix(availability)
+        present = x * availability[:, :, None, None, None]
+        return torch.einsum("bij,bj...->bi...", matrix, present), matrix
+
+    def forward(self, x: torch.Tensor, availability: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Fused full-resolution logits (eval); the training dict in training mode (see class docstring)."""
+        if self.training:
+            return self.forward_train(x, availability)  # type: ignore[return-value]
+        c = self.availability_of(x, availability)
+        s, _ = self.dispatched(x, c)
+        inputs = [s[:, k : k + 1] for k in range(self.num_experts)]
+        if self._lean_gate_pays(s):
+            return self.forward_lean(s, c, inputs)
+        expert_logits, weights = self._run_mixture(s, inputs, c, False)
+        return self.fuse([levels[0] for levels in expert_logits], weights[0])
+
+    def forward_train(  # type: ignore[override]
+        self, x: torch.Tensor, availability: torch.Tensor | None = None
+    ) -> Dict[str, object]:
+        """Fused, per-expert and gate outputs at every level, plus the dispatch matrix, for the MoME+ loss."""
+        c = self.availability_of(x, availability)
+        s, matrix = self.dispatched(x, c)
+        inputs = [s[:, k : k + 1] for k in range(self.num_experts)]
+        expert_logits, weights = self._run_mixture(s, inputs, c, True)
+        fused = [self.fuse([levels[i] for levels in expert_logits], w) for i, w in enumerate(weights)]
+        return {"fused": fused, "experts": expert_logits, "weights": weights, "dispatch": matrix, "availability": c}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,10 +18,18 @@ from monai.bundle import ConfigParser
 from monai.transforms import NormalizeIntensity
 
 from .native import probabilities_to_native, to_mome_space
-from .registration import Registration, RegistrationSettings, register_to_template, validate_volume
+from .networks import MoMEPlus
+from .registration import (
+    CoRegistration,
+    Registration,
+    RegistrationSettings,
+    coregister,
+    register_to_template,
+    validate_volume,
+)
 from .transforms import ReverseSpatialAxes
 
-__all__ = ["MoMESegmenter", "NativeSegmentation"]
+__all__ = ["MoMEPlusSegmenter", "MoMESegmenter", "NativeSegmentation", "PlusChannel", "PlusSegmentation"]
 
 Progress = Callable[[str], None]
 
@@ -42,6 +50,9 @@ class NativeSegmentation:
 class MoMESegmenter:
     """A MoME bundle ready to segment native-space volumes.
 
+    ``CONFIG`` / ``WEIGHTS`` name the bundle's inference config and weights (``MoMEPlusSegmenter`` uses the MoME+
+    ones).
+
     Args:
         bundle_dir: bundle root (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``).
         device: torch device; default the bundle's (CUDA when available).
@@ -50,6 +61,10 @@ class MoMESegmenter:
             bundle's ``profile`` id.
         registration: registration parameters.
     """
+
+    CONFIG = "inference.json"
+    WEIGHTS = "model.pt"
+    PLUS = False
 
     def __init__(
         self,
@@ -61,7 +76,10 @@ class MoMESegmenter:
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         parser = ConfigParser()
-        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        config = self.bundle_dir / "configs" / self.CONFIG
+        if not config.is_file():
+            raise FileNotFoundError(f"{config}: not found; the bundle has no {'MoME+' if self.PLUS else 'MoME'} model.")
+        parser.read_config(str(config))
         parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
         parser["bundle_root"] = str(self.bundle_dir)
         parser["tta"] = bool(tta)
@@ -76,7 +94,11 @@ class MoMESegmenter:
         self.spacing = spacing[0]
         self.device = parser.get_parsed_content("device")
         self.network = parser.get_parsed_content("network_def").to(self.device)
-        weights = self.bundle_dir / "models" / "model.pt"
+        if isinstance(self.network, MoMEPlus) != self.PLUS:
+            kind = "a MoME+" if isinstance(self.network, MoMEPlus) else "a single-modality MoME"
+            raise ValueError(f"{config}: describes {kind} model, which this segmenter cannot run.")
+        self.modalities = [str(m) for m in parser.get("modalities", [])]
+        weights = self.bundle_dir / "models" / self.WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: the bundle has no weights (train, or convert with mome-convert).")
         self.network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
@@ -147,3 +169,130 @@ class MoMESegmenter:
     def describe(self) -> Dict[str, Any]:
         """Model name, version, bundle path and spacing for reports."""
         return {**self.metadata, "bundle": str(self.bundle_dir.resolve()), "spacing_mm": self.spacing}
+
+
+@dataclass
+class PlusChannel:
+    """One co-registrable series of a study, as MoME+ input: the native volume and its scanner frame."""
+
+    array: np.ndarray  # (X, Y, Z)
+    affine: np.ndarray  # RAS mm
+    frame_of_reference: str | None = None  # DICOM FrameOfReferenceUID (None: unknown, registered)
+    name: str = "image"
+
+
+@dataclass
+class PlusSegmentation(NativeSegmentation):
+    """A MoME+ run: labels on the reference series grid, plus how every channel was aligned with it."""
+
+    reference: str = ""
+    availability: Dict[str, bool] = field(default_factory=dict)
+    coregistration: Dict[str, CoRegistration] = field(default_factory=dict)
+
+
+class MoMEPlusSegmenter(MoMESegmenter):
+    """A bundle's MoME+ model (``configs/inference_plus.json``, ``models/model_plus.pt``) for native studies.
+
+    The series given (any non-empty subset of the model's modalities, e.g. T1, T1ce, T2, FLAIR) are aligned with
+    the reference series (same frame of reference: their affines already agree; otherwise rigid registration),
+    the reference is registered to the template, every series is resampled once, directly from its own grid, into
+    MoME space, MoME+ runs with the availability vector, and the labels are mapped back onto the reference grid.
+    """
+
+    CONFIG = "inference_plus.json"
+    WEIGHTS = "model_plus.pt"
+    PLUS = True
+
+    @torch.inference_mode()
+    def probabilities_plus(self, mome_channels: np.ndarray, availability: Sequence[float]) -> torch.Tensor:
+        """Class probabilities (C, X, Y, Z) for MoME-space channels (M, X, Y, Z), missing channels zero."""
+        reverse = ReverseSpatialAxes()
+        image = self.normalize(reverse(torch.as_tensor(mome_channels, dtype=torch.float32)))
+        c = torch.tensor([list(availability)], dtype=torch.float32, device=self.device)
+        logits = self.inferer(image[None].to(self.device), self.network, availability=c)[0]
+        return reverse(torch.softmax(torch.as_tensor(logits).float(), dim=0).cpu())
+
+    def segment_channels(
+        self, channels: Mapping[str, PlusChannel], reference: str, progress: Progress | None = None
+    ) -> PlusSegmentation:
+        """Segments one study given as ``{modality: PlusChannel}``; labels come out on ``channels[reference]``'s grid.
+
+        Raises:
+            ValueError: a modality the model does not know, no channel, or the reference not among the channels.
+            VolumeRejected: a volume that cannot be registered (named).
+        """
+        say = progress or (lambda _: None)
+        unknown = sorted(set(channels) - set(self.modalities))
+        if unknown or not channels or reference not in channels:
+            raise ValueError(
+                f"MoME+ channels {sorted(channels)} (reference {reference!r}) must be a non-empty subset of "
+                f"{self.modalities} including the reference."
+            )
+        for channel in channels.values():
+            validate_volume(channel.array, channel.affine, channel.name)
+        ref = channels[reference]
+        seconds: Dict[str, float] = {}
+        started = time.perf_counter()
+        say(f"registering the reference series ({reference}) to the MNI152 2009a template")
+        registration = register_to_template(ref.array, ref.affine, self.registration_settings, reference)
+        seconds["registration"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        aligned: Dict[str, CoRegistration] = {}
+        for modality, channel in channels.items():
+            if modality == reference:
+                continue
+            say(f"aligning {modality} with {reference}")
+            same = channel.frame_of_reference is not None and channel.frame_of_reference == ref.frame_of_reference
+            aligned[modality] = coregister(
+                channel.array, channel.affine, ref.array, ref.affine, same, self.registration_settings
+            )
+        seconds["coregistration"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        mome_channels, mome_affine = self._mome_channels(channels, aligned, registration.native_to_template)
+        seconds["to_mome_space"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        say("running MoME+ on " + ", ".join(m for m in self.modalities if m in channels))
+        availability = [1.0 if m in channels else 0.0 for m in self.modalities]
+        probabilities = self.probabilities_plus(mome_channels, availability)
+        seconds["network"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        say("mapping the segmentation back to the reference series grid")
+        labels = probabilities_to_native(
+            probabilities, self.spacing, ref.array.shape, ref.affine, registration.native_to_template
+        )
+        seconds["to_native"] = time.perf_counter() - started
+        return PlusSegmentation(
+            labels=labels,
+            registration=registration,
+            mome_image=mome_channels,
+            mome_labels=probabilities.argmax(0).to(torch.uint8).numpy(),
+            mome_affine=mome_affine,
+            seconds=seconds,
+            inference=self.inference_record(),
+            reference=reference,
+            availability={m: m in channels for m in self.modalities},
+            coregistration=aligned,
+        )
+
+    def _mome_channels(
+        self, channels: Mapping[str, PlusChannel], aligned: Mapping[str, CoRegistration], ref_to_template: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every channel resampled once from its own grid into MoME space, in the model's order (missing: zero)."""
+        stacked, mome_affine = [], None
+        for modality in self.modalities:
+            channel = channels.get(modality)
+            if channel is None:
+                stacked.append(None)
+                continue
+            to_template = (
+                ref_to_template if modality not in aligned else ref_to_template @ aligned[modality].moving_to_reference
+            )
+            mome, mome_affine = to_mome_space(channel.array, channel.affine, to_template, self.spacing)
+            stacked.append(mome.numpy())
+        shape = next(c.shape for c in stacked if c is not None)
+        arrays = [np.zeros(shape, np.float32) if c is None else c.astype(np.float32) for c in stacked]
+        return np.stack(arrays), mome_affine

@@ -16,10 +16,17 @@ Output (nnU-Net layout; one case per subject and contrast)::
     OUT/labelsTr/<subject>_<modality>.nii.gz        uint8 0/1 on the image grid
     OUT/dataset.json                               nnU-Net fields + "training": one entry per case with its modality
 
+MoME+ layout (``--multichannel``; one case per subject with every ``--modalities`` contrast, nnU-Net channel files)::
+
+    OUT/imagesTr/<subject>_<k:04d>.nii.gz          channel k = k-th of --modalities (default t1 t1ce t2 flair)
+    OUT/labelsTr/<subject>.nii.gz                  whole lesion 0/1, or with ``--label-scheme brats`` the BraTS
+                                                   sub-regions 1 necrotic core, 2 oedema, 3 enhancing (glioma only)
+
 Command line (from the bundle root)::
 
     python -m scripts.synthetic --out DIR --cases N --seed S [--spacing 2] [--modalities t1 flair] [--native]
                                 [--lesion-types glioma=1,wmh=2] [--all-contrasts]
+                                [--multichannel] [--label-scheme binary|brats]
 
 Each subject is generated from ``numpy.random.default_rng([seed, index])`` only, so a dataset is reproducible and
 subject ``i`` does not depend on ``--cases``.
@@ -44,7 +51,9 @@ import torch.nn.functional as F
 from .template import TISSUE_SIGNAL, sample_at_voxels, template_grid, template_maps, voxel_to_world
 
 __all__ = [
+    "BRATS_LABELS",
     "GENERATOR_VERSION",
+    "PLUS_MODALITIES",
     "LESION_CONTRASTS",
     "LESION_TYPES",
     "MODALITIES",
@@ -56,8 +65,12 @@ __all__ = [
     "template_grid",
 ]
 
-GENERATOR_VERSION = "1.2"
+GENERATOR_VERSION = "1.3"
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+PLUS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # MoME+'s channel order
+BINARY_LABELS = {"background": 0, "lesion": 1}
+# BraTS sub-regions (label 4 of BraTS <= 2021 mapped to 3, as the MoME+ authors' 4-class experts imply).
+BRATS_LABELS = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing": 3}
 LESION_TYPES = ("glioma", "stroke_acute", "stroke_chronic", "wmh")
 # Contrasts in which each lesion type is imaged and labelled in MoME's training datasets (mome-method.md section 3.1):
 # BraTS (glioma) and MSSEG (MS) in T1/T1ce/T2/FLAIR, WMH2017 in T1/FLAIR, ATLAS (chronic stroke) in T1, ISLES (acute
@@ -100,6 +113,7 @@ class Subject:
     label: np.ndarray  # (X, Y, Z) uint8
     lesion_type: str
     affine: np.ndarray  # 4x4 voxel -> RAS mm
+    regions: np.ndarray | None = None  # (X, Y, Z) uint8 BraTS sub-regions (glioma only), see BRATS_LABELS
 
 
 def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], control: Sequence[int]) -> torch.Tensor:
@@ -222,6 +236,7 @@ def generate_subject(
         compartments = _wmh(rng, world, tissues, brain)
     whole = torch.stack(list(compartments.values())).amax(0)
     label = ((whole > 0.5) & (brain > 0)).to(torch.uint8)
+    regions = _brats_regions(compartments, label) if lesion_type == "glioma" else None
     return Subject(
         tissues=tissues.numpy(),
         brain=brain.numpy(),
@@ -229,7 +244,17 @@ def generate_subject(
         label=label.numpy(),
         lesion_type=lesion_type,
         affine=affine,
+        regions=None if regions is None else regions.numpy(),
     )
+
+
+def _brats_regions(compartments: Dict[str, torch.Tensor], whole: torch.Tensor) -> torch.Tensor:
+    """BraTS labels inside the whole-lesion mask, with the rendering's overlay order (necrosis over enhancing over
+    oedema): necrotic core 1, enhancing 3, the rest of the lesion oedema 2."""
+    regions = torch.where(whole > 0, 2, 0)
+    regions = torch.where((whole > 0) & (compartments["enhancing"] > 0.5), 3, regions)
+    regions = torch.where((whole > 0) & (compartments["necrosis"] > 0.5), 1, regions)
+    return regions.to(torch.uint8)
 
 
 def _gaussian_blur(volume: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
@@ -329,12 +354,22 @@ def generate_dataset(
     native: bool = False,
     progress: bool = False,
     all_contrasts: bool = False,
+    multichannel: bool = False,
+    label_scheme: str = "binary",
 ) -> Path:
     """Writes ``cases`` subjects to ``out`` and returns the dataset JSON path.
 
     Each subject gives one case per contrast in ``modalities`` that its lesion type is imaged in
-    (``LESION_CONTRASTS``), or per contrast in ``modalities`` when ``all_contrasts`` is set.
+    (``LESION_CONTRASTS``), or per contrast in ``modalities`` when ``all_contrasts`` is set. With ``multichannel``
+    each subject is one case holding every contrast of ``modalities`` as nnU-Net channel files (MoME+ training).
+    ``label_scheme="brats"`` writes the BraTS sub-regions (``BRATS_LABELS``) and needs glioma-only subjects.
     """
+    if label_scheme not in ("binary", "brats"):
+        raise ValueError(f"label_scheme must be 'binary' or 'brats', got {label_scheme!r}.")
+    if label_scheme == "brats" and set(lesion_weights or DEFAULT_LESION_WEIGHTS) != {"glioma"}:
+        raise ValueError("BraTS sub-region labels exist for gliomas only; use --lesion-types glioma=1.")
+    if multichannel and native:
+        raise ValueError("--multichannel writes co-registered channels in MoME space; --native is not supported.")
     images, labels = out / "imagesTr", out / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
@@ -344,33 +379,27 @@ def generate_dataset(
         rng = np.random.default_rng([seed, index])
         subject = generate_subject(rng, spacing, lesion_weights)
         name = f"syn_s{seed}_{index:04d}"
-        contrasts = (
-            modalities if all_contrasts else [m for m in modalities if m in LESION_CONTRASTS[subject.lesion_type]]
-        )
-        for modality in contrasts:
-            image, label, affine = render(subject, modality, rng), subject.label, subject.affine
-            entry = {"case": f"{name}_{modality}", "subject": name, "modality": modality}
-            entry["lesion_type"] = subject.lesion_type
-            if native:
-                image, label, affine, transform = _to_native(rng, image, label, affine)
-                entry["native_to_template"] = np.round(transform, 6).tolist()
-            entry["image"] = f"imagesTr/{name}_{modality}_0000.nii.gz"
-            entry["label"] = f"labelsTr/{name}_{modality}.nii.gz"
-            entry["lesion_ml"] = _lesion_summary(label, affine)
-            _save(out / entry["image"], np.round(image), affine, np.int16)
-            _save(out / entry["label"], label, affine, np.uint8)
-            entries.append(entry)
+        label = subject.regions if label_scheme == "brats" else subject.label
+        if multichannel:
+            entries.append(_write_multichannel_case(out, name, subject, label, modalities, rng))
+        else:
+            contrasts = (
+                modalities if all_contrasts else [m for m in modalities if m in LESION_CONTRASTS[subject.lesion_type]]
+            )
+            for modality in contrasts:
+                entries.append(_write_case(out, name, subject, label, modality, rng, native))
         if progress:
             elapsed = time.time() - started
             print(f"\r[{index + 1}/{cases}] subjects, {elapsed:.0f} s", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    channels = list(modalities) if multichannel else ["MR"]
     dataset = {
         "name": "MoMESynthetic",
         "description": "Synthetic multi-modal brain lesions on MNI152 2009a anatomy (scripts/synthetic.py).",
         "licence": "CC0 (generated data); anatomy: MNI ICBM152 2009a notice, see resources/mni152_2009a",
-        "channel_names": {"0": "MR"},
-        "labels": {"background": 0, "lesion": 1},
+        "channel_names": {str(k): name for k, name in enumerate(channels)},
+        "labels": BRATS_LABELS if label_scheme == "brats" else BINARY_LABELS,
         "numTraining": len(entries),
         "file_ending": ".nii.gz",
         "modalities": list(modalities),
@@ -381,13 +410,46 @@ def generate_dataset(
             "spacing_mm": spacing,
             "space": "native" if native else "mome",
             "lesion_weights": lesion_weights or DEFAULT_LESION_WEIGHTS,
-            "contrasts": "all" if all_contrasts else LESION_CONTRASTS,
+            "contrasts": "all" if all_contrasts or multichannel else LESION_CONTRASTS,
+            "layout": "multichannel" if multichannel else "one case per contrast",
+            "label_scheme": label_scheme,
         },
         "training": entries,
     }
     path = out / "dataset.json"
     path.write_text(json.dumps(dataset, indent=1))
     return path
+
+
+def _write_case(
+    out: Path, name: str, subject: Subject, label: np.ndarray, modality: str, rng: np.random.Generator, native: bool
+) -> dict:
+    """One single-contrast case (MoME layout); returns its dataset entry."""
+    image, affine = render(subject, modality, rng), subject.affine
+    entry = {"case": f"{name}_{modality}", "subject": name, "modality": modality, "lesion_type": subject.lesion_type}
+    if native:
+        image, label, affine, transform = _to_native(rng, image, label, affine)
+        entry["native_to_template"] = np.round(transform, 6).tolist()
+    entry["image"] = f"imagesTr/{name}_{modality}_0000.nii.gz"
+    entry["label"] = f"labelsTr/{name}_{modality}.nii.gz"
+    entry["lesion_ml"] = _lesion_summary(label > 0, affine)
+    _save(out / entry["image"], np.round(image), affine, np.int16)
+    _save(out / entry["label"], label, affine, np.uint8)
+    return entry
+
+
+def _write_multichannel_case(
+    out: Path, name: str, subject: Subject, label: np.ndarray, modalities: Sequence[str], rng: np.random.Generator
+) -> dict:
+    """One subject with every contrast as channel files ``<name>_<k:04d>`` (MoME+ layout); returns its entry."""
+    paths = []
+    for channel, modality in enumerate(modalities):
+        paths.append(f"imagesTr/{name}_{channel:04d}.nii.gz")
+        _save(out / paths[-1], np.round(render(subject, modality, rng)), subject.affine, np.int16)
+    entry = {"case": name, "subject": name, "modalities": list(modalities), "lesion_type": subject.lesion_type}
+    entry.update(image=paths, label=f"labelsTr/{name}.nii.gz", lesion_ml=_lesion_summary(label > 0, subject.affine))
+    _save(out / entry["label"], label, subject.affine, np.uint8)
+    return entry
 
 
 def _parse_weights(text: str | None) -> Dict[str, float] | None:
@@ -409,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, required=True, help="subjects (one case per contrast they are imaged in)")
     parser.add_argument("--seed", type=int, required=True, help="dataset seed; use different seeds for held-out sets")
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (2: 80x98x80, 1: 160x196x160)")
-    parser.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    parser.add_argument("--modalities", nargs="+", default=None, choices=MODALITIES, help="default: all five")
     parser.add_argument(
         "--lesion-types", type=_parse_weights, default=None, help="e.g. 'glioma=1,wmh=2' (default: all four)"
     )
@@ -417,21 +479,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--all-contrasts", action="store_true", help="render every subject in every --modalities contrast"
     )
+    parser.add_argument(
+        "--multichannel",
+        action="store_true",
+        help="one case per subject with every --modalities contrast as channel files (MoME+; default channels "
+        "t1 t1ce t2 flair)",
+    )
+    parser.add_argument(
+        "--label-scheme",
+        choices=("binary", "brats"),
+        default="binary",
+        help="whole lesion (default) or BraTS sub-regions 1 necrotic core, 2 oedema, 3 enhancing (gliomas only)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.cases < 1 or args.spacing <= 0:
         parser.error("--cases must be >= 1 and --spacing > 0")
-    path = generate_dataset(
-        args.out,
-        args.cases,
-        args.seed,
-        args.spacing,
-        args.modalities,
-        args.lesion_types,
-        args.native,
-        not args.quiet,
-        args.all_contrasts,
-    )
+    modalities = args.modalities or list(PLUS_MODALITIES if args.multichannel else MODALITIES)
+    try:
+        path = generate_dataset(
+            args.out,
+            args.cases,
+            args.seed,
+            args.spacing,
+            modalities,
+            args.lesion_types,
+            args.native,
+            not args.quiet,
+            args.all_contrasts,
+            args.multichannel,
+            args.label_scheme,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     written = len(json.loads(path.read_text())["training"])
     print(f"wrote {written} cases of {args.cases} subjects to {path.parent} ({path.name})")
     return 0

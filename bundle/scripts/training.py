@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,16 +31,19 @@ from monai.data import load_decathlon_datalist
 from monai.transforms import Compose
 from torch import nn
 
-from .losses import UNKNOWN_MODALITY, MoMELoss, nnunet_deep_supervision_loss
-from .networks import MoME, PlainConvUNet, he_init
+from .losses import UNKNOWN_MODALITY, MoMELoss, MoMEPlusLoss, nnunet_deep_supervision_loss
+from .networks import MoME, MoMEPlus, PlainConvUNet, he_init
+from .plus import AVAILABILITY_KEY, availability_patterns, pattern_name
 
 __all__ = [
     "PatchSampler",
+    "PlusPatchSampler",
     "Trainer",
     "load_experts",
     "modality_index",
     "poly_lr",
     "read_datalist",
+    "read_plus_datalist",
     "split_by_subject",
 ]
 
@@ -74,6 +77,27 @@ def read_datalist(
         cases = [c for c in cases if str(c["modality"]).lower() in wanted]
     if not cases:
         raise ValueError(f"{path}: no cases with modality in {list(modalities or [])}.")
+    return cases
+
+
+def read_plus_datalist(dataset_json: str, modalities: Sequence[str], key: str = "training") -> List[Dict[str, object]]:
+    """Multi-channel MoME+ cases of a dataset JSON (``image`` = one file per channel, paths made absolute).
+
+    The dataset's channel order (``channel_names``) must equal ``modalities``: channels are matched by position,
+    so a different order would feed every expert the wrong contrast.
+    """
+    path = Path(dataset_json)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: dataset JSON not found (make one with `python -m scripts.synthetic --multichannel`)."
+        )
+    channels = [str(v).lower() for _, v in sorted(json.loads(path.read_text()).get("channel_names", {}).items())]
+    if channels != [m.lower() for m in modalities]:
+        raise ValueError(f"{path}: channels {channels} differ from the model's modalities {list(modalities)}.")
+    cases = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(path.parent))
+    wrong = [c["image"] for c in cases if not isinstance(c["image"], list) or len(c["image"]) != len(modalities)]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} cases do not list {len(modalities)} channel files, e.g. {wrong[0]}.")
     return cases
 
 
@@ -178,6 +202,10 @@ class PatchSampler:
         return out
 
     def sample(self, iteration: int, index: int) -> Dict[str, torch.Tensor]:
+        """Sample ``index`` of batch ``iteration``: ``image``, ``label`` and ``expert`` (modality index)."""
+        return self._sample_case(iteration, index)[1]
+
+    def _sample_case(self, iteration: int, index: int) -> Tuple[int, Dict[str, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, iteration, index])
         case_index = int(rng.integers(len(self.cases)))
         case = self.cases[case_index]
@@ -192,7 +220,7 @@ class PatchSampler:
             if hasattr(self.augmentation, "set_random_state"):
                 self.augmentation.set_random_state(seed=int(rng.integers(2**31)))
             patch = self.augmentation(patch)
-        return {
+        return case_index, {
             "image": torch.as_tensor(patch["image"]).float(),
             "label": torch.as_tensor(patch["label"]).round().clamp(0).long(),
             "expert": torch.tensor(int(case.get("expert", UNKNOWN_MODALITY))),
@@ -201,6 +229,32 @@ class PatchSampler:
     def batch(self, iteration: int) -> Dict[str, torch.Tensor]:
         samples = [self.sample(iteration, b) for b in range(self.batch_size)]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class PlusPatchSampler(PatchSampler):
+    """:class:`PatchSampler` for MoME+: each sample also gets a random availability vector (modality dropout).
+
+    The vector is drawn uniformly from the non-empty subsets of the case's own available modalities (all ``2^M - 1``
+    when every channel is present, as upstream), from ``default_rng([seed, iteration, sample, 1])``. Missing channels
+    are zeroed in the patch, so nothing of a dropped modality reaches the network.
+    """
+
+    def __init__(self, cases: Sequence[Dict[str, object]], patch_size: Sequence[int], *args, **kwargs) -> None:
+        super().__init__(cases, patch_size, *args, **kwargs)
+        channels = int(torch.as_tensor(self.cases[0]["image"]).shape[0])
+        self.patterns = torch.tensor(availability_patterns(channels), dtype=torch.float32)
+
+    def sample(self, iteration: int, index: int) -> Dict[str, torch.Tensor]:
+        case_index, drawn = self._sample_case(iteration, index)
+        present = self.cases[case_index].get(AVAILABILITY_KEY)
+        allowed = self.patterns
+        if present is not None:
+            allowed = self.patterns[(self.patterns <= torch.as_tensor(present).float()).all(dim=1)]
+        rng = np.random.default_rng([self.seed, iteration, index, 1])
+        availability = allowed[int(rng.integers(len(allowed)))]
+        drawn["image"] = drawn["image"] * availability[:, None, None, None]
+        drawn[AVAILABILITY_KEY] = availability
+        return drawn
 
 
 def _validation_patches(cases: Sequence[Dict[str, object]], patch_size: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
@@ -219,6 +273,7 @@ def _validation_patches(cases: Sequence[Dict[str, object]], patch_size: Sequence
                     "image": sampler._crop(image, start),
                     "label": sampler._crop(label, start).long(),
                     "expert": int(case.get("expert", UNKNOWN_MODALITY)),
+                    AVAILABILITY_KEY: case.get(AVAILABILITY_KEY),
                 }
             )
     return patches
@@ -284,12 +339,15 @@ class Trainer:
         progress: bool = True,
         max_iterations: int | None = None,
         gate_warmup_epochs: int = 0,
+        curriculum: bool = True,
+        val_patterns: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if clip_scope not in ("all", "gate"):
             raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
         self.device = torch.device(device)
         self.network = network.to(self.device)
         self.is_mome = isinstance(network, MoME)
+        self.is_plus = isinstance(network, MoMEPlus)
         if gate_warmup_epochs and not (self.is_mome and 0 <= gate_warmup_epochs < epochs):
             raise ValueError(f"gate_warmup_epochs={gate_warmup_epochs} needs a MoME and fewer than epochs={epochs}.")
         self.gate_warmup_epochs = int(gate_warmup_epochs)
@@ -300,11 +358,15 @@ class Trainer:
         self.modalities = [m.lower() for m in modalities]
         self.train_cases = self._with_expert(train_cases)
         self.val_patches = _validation_patches(self._with_expert(val_cases), patch_size) if val_cases else []
-        self.sampler = PatchSampler(
-            self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed
-        )  # fmt: skip
+        sampler = PlusPatchSampler if self.is_plus else PatchSampler
+        self.sampler = sampler(self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed)
+        self.num_classes = int(network.num_classes if self.is_mome else network.out_channels)
+        self.val_patterns = self._val_patterns(val_patterns) if self.is_plus else []
         levels = self._levels(network)
-        self.loss = MoMELoss(levels, curriculum_exponent, expert_reduction) if self.is_mome else None
+        if self.is_plus:
+            self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum)
+        else:
+            self.loss = MoMELoss(levels, curriculum_exponent, expert_reduction) if self.is_mome else None
         self.single_loss = None if self.is_mome else nnunet_deep_supervision_loss(levels)
         self.output_dir = Path(output_dir)
         self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
@@ -314,6 +376,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.resume, self.progress, self.max_iterations = resume, progress, max_iterations
         self.start_epoch, self.ema_dice, self.best_ema, self.history = 0, None, -1.0, []
+
+    def _val_patterns(self, patterns: Sequence[Sequence[int]] | None) -> List[torch.Tensor]:
+        """MoME+ validation availability patterns: all modalities, then each one alone (default)."""
+        m = self.network.num_modalities
+        if patterns is None:
+            patterns = [[1] * m] + [[int(j == i) for j in range(m)] for i in range(m)]
+        checked = [torch.tensor([float(v) for v in p]) for p in patterns]
+        if any(len(p) != m or not 0 < float(p.sum()) or not bool(((p == 0) | (p == 1)).all()) for p in checked):
+            raise ValueError(f"val_patterns must be 0/1 vectors of length {m} with at least one 1, got {patterns}.")
+        return checked
 
     def _with_expert(self, cases: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
         return [{**c, "expert": modality_index(str(c.get("modality", "")), self.modalities)} for c in cases]
@@ -361,17 +433,23 @@ class Trainer:
     def _nets(self) -> List[nn.Module]:
         if not self.is_mome:
             return [self.network]
-        return [self.network.gate] if self.clip_scope == "gate" else [*self.network.experts, self.network.gate]
+        if self.clip_scope == "gate":
+            return [self.network.gate]
+        extra = [self.network.dispatch] if self.is_plus else []
+        return [*self.network.experts, self.network.gate, *extra]
 
     def train_step(self, batch: Dict[str, torch.Tensor], r: float) -> Dict[str, float]:
         image, label = self._to_device(batch["image"]), batch["label"].to(self.device).float()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            outputs = self.network(image)
-            if self.is_mome:
+            if self.is_plus:
+                outputs = self.network(image, batch[AVAILABILITY_KEY].to(self.device))
+                terms = self.loss(outputs, label, r)
+            elif self.is_mome:
+                outputs = self.network(image)
                 terms = self.loss(outputs, label, batch["expert"], r)
             else:
-                terms = {"loss": self.single_loss(outputs, label)}
+                terms = {"loss": self.single_loss(self.network(image), label)}
         self.scaler.scale(terms["loss"]).backward()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -384,23 +462,45 @@ class Trainer:
     # -- validation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
-        """Pooled pseudo-Dice per modality on the fixed validation patches (eval mode, full resolution)."""
+        """Pooled pseudo-Dice on the fixed validation patches (eval mode, full resolution).
+
+        Per modality for MoME and single U-Nets, per availability pattern for MoME+; with more than two classes the
+        Dice of each foreground class is pooled separately and averaged.
+        """
         if not self.val_patches:
             return {}
         self.network.eval()
         counts: Dict[str, np.ndarray] = {}
         for patch in self.val_patches:
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.network(self._to_device(patch["image"][None]))
-            prediction = logits.argmax(1)[0].cpu() > 0
-            truth = patch["label"][0] > 0
-            name = self.modalities[patch["expert"]] if patch["expert"] >= 0 else "unknown"
-            tp_fp_fn = np.array([(prediction & truth).sum(), (prediction & ~truth).sum(), (~prediction & truth).sum()])
-            counts[name] = counts.get(name, 0) + tp_fp_fn
+            image = self._to_device(patch["image"][None])
+            for name, kwargs in self._val_runs(patch):
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    logits = self.network(image * kwargs.get("mask", 1), **kwargs.get("args", {}))
+                prediction = logits.argmax(1)[0].cpu()
+                counts[name] = counts.get(name, 0) + _confusion(prediction, patch["label"][0], self.num_classes)
         self.network.train()
-        dice = {m: float(2 * c[0] / max(2 * c[0] + c[1] + c[2], 1)) for m, c in counts.items()}
+        dice = {name: _pooled_dice(c) for name, c in counts.items()}
         dice["mean"] = float(np.mean(list(dice.values())))
         return dice
+
+    def _val_runs(self, patch: Dict[str, object]) -> List[Tuple[str, Dict[str, object]]]:
+        """(log name, network call arguments) of each validation pass over one patch."""
+        if not self.is_plus:
+            name = self.modalities[patch["expert"]] if patch["expert"] >= 0 else "unknown"  # type: ignore[operator]
+            return [(name, {})]
+        present = patch.get(AVAILABILITY_KEY)
+        runs = []
+        for pattern in self.val_patterns:
+            if present is not None and not bool((pattern <= torch.as_tensor(present).float()).all()):
+                continue
+            c = pattern.to(self.device)
+            runs.append(
+                (
+                    pattern_name(pattern.tolist(), self.modalities),
+                    {"mask": c[None, :, None, None, None], "args": {"availability": c[None]}},
+                )
+            )
+        return runs
 
     # -- loop -------------------------------------------------------------------------------------------------------
     def _epoch(self, epoch: int, bar_desc: str) -> Dict[str, float]:
@@ -507,5 +607,23 @@ def cache_cases(datalist: Sequence[Dict[str, object]], preprocessing: Compose) -
     cached = []
     for item in datalist:
         data = preprocessing(dict(item))
-        cached.append({**item, "image": torch.as_tensor(data["image"]), "label": torch.as_tensor(data["label"])})
+        case = {**item, "image": torch.as_tensor(data["image"]), "label": torch.as_tensor(data["label"])}
+        if AVAILABILITY_KEY in data:
+            case[AVAILABILITY_KEY] = torch.as_tensor(data[AVAILABILITY_KEY]).float()
+        cached.append(case)
     return cached
+
+
+def _confusion(prediction: torch.Tensor, truth: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``(K, 3)`` true positives, false positives, false negatives of each foreground class (whole lesion if binary)."""
+    rows = []
+    for cls in range(1, max(num_classes, 2)):
+        p, t = prediction == cls, truth == cls
+        rows.append([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()])
+    return np.array(rows, dtype=np.int64)
+
+
+def _pooled_dice(counts: np.ndarray) -> float:
+    """Mean over classes of the pooled Dice ``2 TP / (2 TP + FP + FN)`` (0 for a class never present nor predicted)."""
+    dice = [2 * tp / max(2 * tp + fp + fn, 1) for tp, fp, fn in counts.tolist()]
+    return float(np.mean(dice))

@@ -26,6 +26,8 @@ import torch
 
 __all__ = [
     "GATE_FILE",
+    "MOMEPLUS_DISPATCH_FILE",
+    "MOMEPLUS_MODALITIES",
     "MOME_MODALITIES",
     "ArchitectureSpec",
     "CheckpointError",
@@ -43,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 GATE_FILE = "checkpoint_best.pth"
 MOME_MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+MOMEPLUS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 MOMEPLUS_DISPATCH_FILE = "checkpoint_best_dispatch.pth"
+MOME, MOME_PLUS = "mome", "mome_plus"
 _SUPPORTED_NORMALIZATION = {"ZScoreNormalization"}
 
 
@@ -70,8 +74,11 @@ def _numpy_allow_list() -> list[Any]:
     return allowed
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, require_plans: bool = True) -> dict[str, Any]:
     """Loads one nnU-Net checkpoint with ``weights_only=True`` and the numpy allow-list.
+
+    ``require_plans=False`` accepts a checkpoint without ``init_args`` (MoME+'s dispatch file holds only
+    ``network_weights`` and ``inference_allowed_mirroring_axes``).
 
     Raises:
         CheckpointError: the file is missing or unreadable, or not an nnU-Net training checkpoint.
@@ -101,7 +108,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: not an nnU-Net training checkpoint (no 'network_weights'; found {keys}).")
     init_args = checkpoint.get("init_args")
-    if not isinstance(init_args, Mapping) or not isinstance(init_args.get("plans"), Mapping):
+    if require_plans and (not isinstance(init_args, Mapping) or not isinstance(init_args.get("plans"), Mapping)):
         raise CheckpointError(f"{path}: checkpoint has no init_args['plans']; cannot read the architecture.")
     return dict(checkpoint)
 
@@ -308,22 +315,24 @@ class UpstreamMoME:
     state_dict: dict[str, torch.Tensor]
     sha256: dict[str, str]
     trainer_info: dict[str, Any]
+    variant: str = MOME
+
+    @property
+    def is_plus(self) -> bool:
+        """A MoME+ set (dispatch network, multi-channel input with availability vector)."""
+        return self.variant == MOME_PLUS
 
 
-def _checkpoint_files(src: Path) -> list[Path]:
-    """Gate file followed by the consecutive expert files ``checkpoint_best1..K.pth``."""
+def _checkpoint_files(src: Path) -> tuple[list[Path], Path | None]:
+    """Gate file followed by the consecutive expert files ``checkpoint_best1..K.pth``; MoME+'s dispatch file."""
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory; expected the authors' MoME_CHECKPOINT folder.")
-    if (src / MOMEPLUS_DISPATCH_FILE).exists():
-        raise CheckpointError(
-            f"{src}: holds {MOMEPLUS_DISPATCH_FILE}, i.e. a MoME+ checkpoint set; MoME+ conversion is not "
-            "supported by this version."
-        )
     if not (src / GATE_FILE).is_file():
         found = sorted(p.name for p in src.iterdir())[:10]
         raise CheckpointError(
             f"{src}: wrong layout, {GATE_FILE} (the gate) is missing; expected {GATE_FILE} and "
-            f"{expert_file(0)}..{expert_file(4)} (found {found})."
+            f"{expert_file(0)}..{expert_file(4)} (MoME; MoME+: ..{expert_file(3)} and {MOMEPLUS_DISPATCH_FILE}) "
+            f"(found {found})."
         )
     experts = []
     while (src / expert_file(len(experts))).is_file():
@@ -333,7 +342,8 @@ def _checkpoint_files(src: Path) -> list[Path]:
     stray = sorted(p.name for p in src.glob("checkpoint_best[0-9]*.pth") if p not in experts)
     if stray:
         raise CheckpointError(f"{src}: expert files are not consecutive from {expert_file(0)}: unexpected {stray}.")
-    return [src / GATE_FILE, *experts]
+    dispatch = src / MOMEPLUS_DISPATCH_FILE
+    return [src / GATE_FILE, *experts], (dispatch if dispatch.exists() else None)
 
 
 def _verify_sha256(files: Sequence[Path], expected: Mapping[str, str]) -> dict[str, str]:
@@ -370,35 +380,26 @@ def _check_role(
         )
 
 
-def read_mome_checkpoints(
-    src: Path, expected_sha256: Mapping[str, str] | None = None, modalities: Sequence[str] | None = None
-) -> UpstreamMoME:
-    """Reads, validates and maps a MoME checkpoint set in the authors' layout.
-
-    Args:
-        src: folder with ``checkpoint_best.pth`` (gate) and ``checkpoint_best1..K.pth`` (experts).
-        expected_sha256: optional ``{file name: hex digest}`` to verify before unpickling anything.
-        modalities: names of the K experts; defaults to T1, T1ce, T2, FLAIR, DWI for K = 5.
-
-    Returns:
-        The architecture, the state_dict for :class:`scripts.networks.MoME` and provenance.
+def map_dispatch_state_dict(upstream: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """MoME+ dispatch MLP weights (``mlp.{0,2,4,6}.{weight,bias}``) -> ``dispatch.mlp.*`` of :class:`MoMEPlus`.
 
     Raises:
-        CheckpointError: any problem with the files, their layout, content or shapes.
+        CheckpointError: an unknown key or a layer missing.
     """
-    files = _checkpoint_files(Path(src))
-    digests = _verify_sha256(files, expected_sha256 or {})
-    n_experts = len(files) - 1
-    if modalities is None:
-        if n_experts != len(MOME_MODALITIES):
-            raise CheckpointError(
-                f"{src}: {n_experts} experts found; name them with --modalities (MoME has {len(MOME_MODALITIES)})."
-            )
-        modalities = MOME_MODALITIES
-    if len(modalities) != n_experts:
-        raise CheckpointError(f"{src}: {n_experts} experts but {len(modalities)} modality names {list(modalities)}.")
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in upstream.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        if not re.fullmatch(r"mlp\.[0246]\.(weight|bias)", key):
+            raise CheckpointError(f"{source}: unexpected key {key!r}; not MoME+'s dispatch MLP (mlp.0/2/4/6).")
+        mapped[f"dispatch.{key}"] = tensor.float()
+    if len(mapped) != 8:
+        raise CheckpointError(f"{source}: dispatch MLP has {len(mapped)} of its 8 tensors (mlp.0/2/4/6 weight+bias).")
+    return mapped
 
-    checkpoints = [load_checkpoint(path) for path in files]
+
+def _read_specs(files: Sequence[Path], checkpoints: Sequence[Mapping[str, Any]]) -> ArchitectureSpec:
+    """The gate's architecture spec, after checking that every expert shares its topology and labels."""
     specs = []
     for path, checkpoint in zip(files, checkpoints):
         init_args = checkpoint["init_args"]
@@ -416,9 +417,53 @@ def read_mome_checkpoints(
     mirror = checkpoints[0].get("inference_allowed_mirroring_axes")
     if mirror is not None:
         spec = replace(spec, mirror_axes=[int(a) for a in mirror])
+    return spec
 
+
+def _default_modalities(src: Path, n_experts: int, plus: bool) -> Sequence[str]:
+    default = MOMEPLUS_MODALITIES if plus else MOME_MODALITIES
+    if n_experts != len(default):
+        name = "MoME+" if plus else "MoME"
+        raise CheckpointError(
+            f"{src}: {n_experts} experts found; name them with --modalities ({name} has {len(default)})."
+        )
+    return default
+
+
+def read_mome_checkpoints(
+    src: Path, expected_sha256: Mapping[str, str] | None = None, modalities: Sequence[str] | None = None
+) -> UpstreamMoME:
+    """Reads, validates and maps a MoME or MoME+ checkpoint set in the authors' layout.
+
+    Args:
+        src: folder with ``checkpoint_best.pth`` (gate) and ``checkpoint_best1..K.pth`` (experts); a MoME+ set
+            also holds ``checkpoint_best_dispatch.pth`` (the dispatch MLP, no plans).
+        expected_sha256: optional ``{file name: hex digest}`` to verify before unpickling anything.
+        modalities: names of the K experts; defaults to T1, T1ce, T2, FLAIR, DWI for MoME (K = 5) and
+            T1, T1ce, T2, FLAIR for MoME+ (K = 4).
+
+    Returns:
+        The architecture, the state_dict for :class:`scripts.networks.MoME` / :class:`~scripts.networks.MoMEPlus`
+        and provenance.
+
+    Raises:
+        CheckpointError: any problem with the files, their layout, content or shapes.
+    """
+    files, dispatch_file = _checkpoint_files(Path(src))
+    plus = dispatch_file is not None
+    digests = _verify_sha256(files + ([dispatch_file] if plus else []), expected_sha256 or {})
+    n_experts = len(files) - 1
+    modalities = _default_modalities(Path(src), n_experts, plus) if modalities is None else modalities
+    if len(modalities) != n_experts:
+        raise CheckpointError(f"{src}: {n_experts} experts but {len(modalities)} modality names {list(modalities)}.")
+
+    checkpoints = [load_checkpoint(path) for path in files]
+    spec = _read_specs(files, checkpoints)
+    if plus and spec.in_channels != 1:
+        raise CheckpointError(f"{files[0]}: MoME+ experts take one channel each, plans say {spec.in_channels}.")
     state_dict: dict[str, torch.Tensor] = {}
-    gate_in = spec.in_channels + n_experts * spec.features_per_stage[0]
+    image_channels = n_experts if plus else spec.in_channels
+    gate_in = image_channels + n_experts * spec.features_per_stage[0]
     for index, (path, checkpoint) in enumerate(zip(files, checkpoints)):
         weights = map_unet_state_dict(checkpoint["network_weights"], source=str(path))
         if index == 0:
@@ -428,6 +473,9 @@ def read_mome_checkpoints(
             _check_role(path, weights, spec.in_channels, spec.num_classes, "expert")
             prefix = f"experts.{index - 1}."
         state_dict.update({prefix + key: tensor.float() for key, tensor in weights.items()})
+    if plus:
+        dispatch = load_checkpoint(dispatch_file, require_plans=False)
+        state_dict.update(map_dispatch_state_dict(dispatch["network_weights"], str(dispatch_file)))
     gate = checkpoints[0]
     trainer_info = {
         "trainer_name": gate.get("trainer_name"),
@@ -435,5 +483,7 @@ def read_mome_checkpoints(
         "fold": gate["init_args"].get("fold"),
         "configuration": spec.configuration,
     }
-    logger.info("read %d MoME checkpoints from %s (%d experts)", len(files), src, n_experts)
-    return UpstreamMoME(spec, [m.lower() for m in modalities], state_dict, digests, trainer_info)
+    n_files = len(files) + int(plus)
+    logger.info("read %d %s checkpoints from %s (%d experts)", n_files, "MoME+" if plus else "MoME", src, n_experts)
+    variant = MOME_PLUS if plus else MOME
+    return UpstreamMoME(spec, [m.lower() for m in modalities], state_dict, digests, trainer_info, variant)

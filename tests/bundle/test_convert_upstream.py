@@ -135,8 +135,9 @@ def test_missing_expert_file_breaks_the_sequence(tmp_path, capsys, src_copy):
 
 
 def test_momeplus_layout_is_recognised(tmp_path, capsys, src_copy):
+    """A dispatch file makes it a MoME+ set, which has 4 experts, not MoME's 5 (see test_momeplus.py for MoME+)."""
     shutil.copy(src_copy / "checkpoint_best1.pth", src_copy / "checkpoint_best_dispatch.pth")
-    expect_rejection(capsys, tmp_path, src_copy, "MoME+ checkpoint set")
+    expect_rejection(capsys, tmp_path, src_copy, "5 experts found; name them with --modalities (MoME+ has 4)")
 
 
 def test_expert_in_place_of_the_gate_is_not_mome(tmp_path, capsys, src_copy):
