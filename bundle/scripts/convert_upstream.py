@@ -288,7 +288,9 @@ def convert(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mome-convert",
-        description="Convert the MoME authors' checkpoint folder (MoME_CHECKPOINT layout, MoME or MoME+) into a MONAI bundle.",
+        description=(
+            "Convert the MoME authors' checkpoint folder (MoME_CHECKPOINT layout, MoME or MoME+) into a MONAI bundle."
+        ),
     )
     parser.add_argument(
         "src",
