@@ -30,15 +30,15 @@ from typing import Any
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application
 
-from app.bundle_path import default_bundle_dir
-from app.cli_seg import PROFILE_HELP, PROFILE_NAMES
+from app.bundle_path import default_bundle_dir, installed_models
+from app.cli_seg import MODE_HELP, PROFILE_HELP, PROFILE_NAMES
 from operators.modality_router import MODALITIES
 from operators.modality_router_operator import ModalityRouterOperator
 from operators.mome_inference_operator import MoMEInferenceOperator
 from operators.report_writer_operator import ReportWriterOperator
 from operators.seg_writer_operator import LesionSegWriterOperator
 from operators.study_loader_operator import StudyLoaderOperator
-from operators.study_pipeline import NothingToSegment, staging_dir
+from operators.study_pipeline import MODES, NothingToSegment, staging_dir
 
 __all__ = ["AppOptions", "MoMEApp", "resolve_bundle", "run_app"]
 
@@ -58,6 +58,8 @@ class AppOptions:
     progress: Callable[[str], None] | None = None
     segmenter: Any = None  # an object with segment()/describe() instead of the bundle's model (tests, embedding)
     profile: str | None = None  # inference profile; None: the bundle's default
+    mode: str = "auto"  # auto | single | plus: feed T1/T1ce/T2/FLAIR to the bundle's MoME+ model together
+    plus_segmenter: Any = None  # an object with segment_channels()/describe() instead of the bundle's MoME+ model
     outcome: list[dict[str, Any]] | NothingToSegment | None = field(default=None, repr=False)
 
 
@@ -99,10 +101,26 @@ class MoMEApp(Application):
     def _finish(self, outcome: list[dict[str, Any]] | NothingToSegment) -> None:
         self.mome_options.outcome = outcome
 
+    def _check_mode(self, bundle: Path) -> None:
+        """``--mode plus`` needs a MoME+ model, ``--mode single`` a single-modality one (FileNotFoundError: exit 2)."""
+        options = self.mome_options
+        if options.segmenter is not None or options.plus_segmenter is not None:
+            return
+        models = installed_models(bundle)
+        if options.mode == "plus" and not models["plus"]:
+            raise FileNotFoundError(
+                f"{bundle}: --mode plus needs a MoME+ model (models/model_plus.pt); none installed."
+            )
+        if options.mode == "single" and not models["single"]:
+            raise FileNotFoundError(f"{bundle}: --mode single needs a MoME model (models/model.pt); none installed.")
+        if not any(models.values()):
+            raise FileNotFoundError(f"{bundle}: the bundle has no weights (models/model.pt or models/model_plus.pt).")
+
     def compose(self) -> None:
         context: AppContext = Application.init_app_context(self.argv)
         source, output = Path(context.input_path), Path(context.output_path)
         bundle = resolve_bundle(Path(context.model_path) if context.model_path else None)
+        self._check_mode(bundle)
         self.staging = staging_dir(output)
         loader = StudyLoaderOperator(self, CountCondition(self, 1), input_path=source, name="study_loader")
         router = ModalityRouterOperator(
@@ -120,6 +138,8 @@ class MoMEApp(Application):
             profile=self.mome_options.profile,
             progress=self.mome_options.progress,
             segmenter=self.mome_options.segmenter,
+            mode=self.mome_options.mode,
+            plus_segmenter=self.mome_options.plus_segmenter,
             name="mome_inference",
         )
         seg_writer = LesionSegWriterOperator(self, staging=self.staging, name="dicom_seg_writer")
@@ -206,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
     parser.add_argument("--profile", choices=PROFILE_NAMES, help=PROFILE_HELP)
+    parser.add_argument("--mode", choices=MODES, default="auto", help=MODE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -217,7 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     options = AppOptions(
-        args.modalities, args.all_series, args.rules, args.device, args.tta, _say(args.quiet), profile=args.profile
+        args.modalities,
+        args.all_series,
+        args.rules,
+        args.device,
+        args.tta,
+        _say(args.quiet),
+        profile=args.profile,
+        mode=args.mode,
     )
     try:
         return run_app(args.input, args.output, args.model, options, "python -m app", sdk_args)

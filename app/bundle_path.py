@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["BUNDLE_ENV", "default_bundle_dir", "use_bundle_scripts"]
+__all__ = ["BUNDLE_ENV", "default_bundle_dir", "installed_models", "use_bundle_scripts"]
 
 BUNDLE_ENV = "MOME_BUNDLE"
 
@@ -25,3 +26,22 @@ def use_bundle_scripts(bundle_dir: Path | None = None) -> Path:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return root
+
+
+def _network_target(config: Path) -> str:
+    try:
+        return str(json.loads(config.read_text()).get("network_def", {}).get("_target_", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def installed_models(bundle_dir: Path) -> dict[str, bool]:
+    """Which models a bundle can run: ``single`` (``configs/inference.json`` is a MoME with ``models/model.pt``) and
+    ``plus`` (``configs/inference_plus.json`` with ``models/model_plus.pt``)."""
+    bundle_dir = Path(bundle_dir)
+    single = bundle_dir / "configs" / "inference.json"
+    plus = bundle_dir / "configs" / "inference_plus.json"
+    return {
+        "single": (bundle_dir / "models" / "model.pt").is_file() and not _network_target(single).endswith("MoMEPlus"),
+        "plus": (bundle_dir / "models" / "model_plus.pt").is_file() and _network_target(plus).endswith("MoMEPlus"),
+    }

@@ -4,13 +4,16 @@ Usage::
 
     mome-seg INPUT.nii.gz -o OUTDIR [--modality t1|t1ce|t2|flair|dwi] [--model BUNDLE_DIR] [--tta] [--save-mni]
              [--profile fast|parity|accurate] [--device cpu|cuda] [--quiet]
-    mome-seg DICOM_DIR_OR_ZIP -o OUTDIR [--modalities t1 flair ...] [--all-series] [--rules RULES.json] [...]
+    mome-seg DICOM_DIR_OR_ZIP -o OUTDIR [--modalities t1 flair ...] [--all-series] [--rules RULES.json]
+             [--mode auto|single|plus] [...]
 
 DICOM input (a folder tree or a zip, several studies allowed) runs the Deploy application's graph (``app/app.py``,
 the same as ``python -m app``): the modality router
 (``operators/modality_rules.json``), one series per modality (or ``--all-series``), and writes per study
 ``OUTDIR/<StudyInstanceUID>/seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG on the series' exact grid) and ``report.json``
-(every routing decision with its reason; volumes, counts, registration quality, timings, SEG UIDs).
+(every routing decision with its reason; volumes, counts, registration quality, timings, SEG UIDs). With a MoME+
+model in the bundle (``--mode``), the T1/T1ce/T2/FLAIR series of a study are co-registered and segmented together
+into tumour sub-regions on the finest of them; that SEG references every contributing series.
 
 Steps: affine registration to the MNI152 2009a template (ITK), resampling into brain-masked MoME space, MoME
 inference with the bundle's inferer, class probabilities mapped back through the inverse transform and argmax on the
@@ -45,6 +48,10 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 PROFILE_NAMES = ("fast", "parity", "accurate")  # scripts.profiles.PROFILES (a test keeps them in step)
 PROFILE_HELP = "inference profile: fast (default), parity (the authors' tiling), accurate (parity + mirroring)"
+MODE_HELP = (
+    "auto (default): a study's T1/T1ce/T2/FLAIR series go to the bundle's MoME+ model together when it has one and "
+    "the study has at least two of them; plus: always MoME+ for those series; single: one MoME run per series"
+)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MODALITY_SUFFIX = re.compile(r"[_-](t1|t1ce|t2|flair|dwi)(?:_0000)?$", re.IGNORECASE)
 logger = logging.getLogger("mome-seg")
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     dicom.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES), help="only these")
     dicom.add_argument("--all-series", action="store_true", help="every qualifying series, not one per modality")
     dicom.add_argument("--rules", type=Path, help="modality router rules JSON (default: the shipped rules)")
+    dicom.add_argument("--mode", choices=("auto", "single", "plus"), default="auto", help=MODE_HELP)
     return parser
 
 
@@ -156,7 +164,14 @@ def run_dicom_input(args: argparse.Namespace) -> int:
 
     progress = None if args.quiet else _say(False)
     options = AppOptions(
-        args.modalities, args.all_series, args.rules, args.device, args.tta, progress, profile=args.profile
+        args.modalities,
+        args.all_series,
+        args.rules,
+        args.device,
+        args.tta,
+        progress,
+        profile=args.profile,
+        mode=args.mode,
     )
     return run_app(args.input, args.out, args.model, options, prog="mome-seg")
 

@@ -35,8 +35,12 @@ def run_dicom(
     all_series: bool = False,
     rules_file: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    plus_segmenter: Any = None,
+    mode: str = "auto",
 ) -> list[dict[str, Any]]:
     """Segments every study under ``source`` (folder or zip); returns the study reports (also written as JSON).
+
+    ``plus_segmenter`` (a :class:`scripts.pipeline.MoMEPlusSegmenter`) and ``mode`` as in ``segment_study``.
 
     Raises:
         NothingToSegment: no DICOM study, or no series that the router accepts and that converts to a volume.
@@ -52,7 +56,7 @@ def run_dicom(
             for study_uid, series in sorted(found.studies.items()):
                 work = route_study(study_uid, series, rules, modalities, all_series)
                 work.skipped_files = found.skipped_files
-                segment_study(work, segmenter, progress)
+                segment_study(work, segmenter, progress, plus_segmenter, mode)
                 write_segs(work, staging / study_uid)
                 reports.append(write_report(work, staging / study_uid))
                 works.append(work)

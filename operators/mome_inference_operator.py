@@ -25,7 +25,8 @@ class MoMEInferenceOperator(Operator):
     """Segments lesions with a MoME bundle.
 
     ``device`` None picks CUDA when available; ``tta`` adds mirroring; ``profile`` picks the inference profile
-    (None: the bundle's ``profile`` id).
+    (None: the bundle's ``profile`` id); ``mode`` (``auto``, ``single``, ``plus``) decides whether the T1/T1ce/T2/FLAIR
+    series of a study go to the bundle's MoME+ model together (see ``operators.study_pipeline``).
     """
 
     def __init__(
@@ -38,30 +39,41 @@ class MoMEInferenceOperator(Operator):
         profile: str | None = None,
         progress: Callable[[str], None] | None = None,
         segmenter: Any = None,
+        mode: str = "auto",
+        plus_segmenter: Any = None,
         **kwargs: Any,
     ) -> None:
         self.bundle_path, self.device, self.tta, self.profile = Path(bundle_path), device, tta, profile
-        self.progress = progress
+        self.progress, self.mode = progress, mode
         self._segmenter = segmenter  # None: built from the bundle at the first study
+        self._plus_segmenter = plus_segmenter
+        self._built = segmenter is not None
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("studies")
         spec.output("studies")
 
-    def segmenter(self) -> Any:
-        if self._segmenter is None:
-            from app.bundle_path import use_bundle_scripts
+    def segmenter(self) -> tuple[Any, Any]:
+        """(single-modality MoME or None, MoME+ or None), built from the bundle at the first call."""
+        if not self._built:
+            from app.bundle_path import installed_models, use_bundle_scripts
 
             use_bundle_scripts(self.bundle_path)
-            from scripts.pipeline import MoMESegmenter
+            from scripts.pipeline import MoMEPlusSegmenter, MoMESegmenter
 
-            self._segmenter = MoMESegmenter(self.bundle_path, device=self.device, tta=self.tta, profile=self.profile)
-        return self._segmenter
+            models = installed_models(self.bundle_path)
+            options = {"device": self.device, "tta": self.tta, "profile": self.profile}
+            if models["single"] or not models["plus"]:  # without any weights MoMESegmenter says so
+                self._segmenter = MoMESegmenter(self.bundle_path, **options)
+            if models["plus"] and self.mode != "single":
+                self._plus_segmenter = MoMEPlusSegmenter(self.bundle_path, **options)
+            self._built = True
+        return self._segmenter, self._plus_segmenter
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         works = op_input.receive("studies")
         if any(work.tasks for work in works):
-            segmenter = self.segmenter()
-            works = [segment_study(work, segmenter, self.progress) for work in works]
+            single, plus = self.segmenter()
+            works = [segment_study(work, single, self.progress, plus, self.mode) for work in works]
         op_output.emit(works, "studies")

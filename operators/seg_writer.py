@@ -11,6 +11,7 @@ algorithm identification, series description and content creator come from the m
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from typing import Sequence as SequenceOf
@@ -23,7 +24,7 @@ from pydicom.sr.codedict import codes
 
 from .dicom_series import SeriesVolume
 
-__all__ = ["LESION", "SegmentSpec", "build_seg", "seg_series_number"]
+__all__ = ["LESION", "SegmentSpec", "add_referenced_series", "build_seg", "seg_series_number", "segments_for"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,53 @@ class SegmentSpec:
 
 
 LESION = (SegmentSpec(1, "Lesion"),)
+
+# Class names a model's channel_def may use -> (segment label, SNOMED CT property type). BraTS sub-regions first.
+_KNOWN_CLASSES = {
+    ("necrotic_core", "necrosis", "ncr", "necrotic", "ncr/net", "necrotic and non-enhancing tumor core"): (
+        "Necrotic tumour core", codes.SCT.Necrosis,
+    ),
+    ("oedema", "edema", "ed", "peritumoral edema", "peritumoral oedema"): ("Peritumoral oedema", codes.SCT.Edema),
+    ("enhancing", "et", "enhancing tumor", "enhancing tumour"): ("Enhancing tumour", codes.SCT.Neoplasm),
+    ("lesion", "lesions", "abnormal", "abnormality"): ("Lesion", codes.SCT.Lesion),
+}  # fmt: skip
+
+
+def segments_for(channel_def: Mapping[str, str]) -> tuple[SegmentSpec, ...]:
+    """Segment descriptions for a model's ``channel_def`` (label value -> class name; 0 = background skipped).
+
+    Known names (BraTS sub-regions, "lesion") get their SNOMED CT codes; any other class is coded as a lesion and
+    keeps its own name as the segment label. Segment numbers follow the label values (1, 2, 3, ...).
+    """
+    specs = []
+    for value, name in sorted(((int(k), str(v)) for k, v in channel_def.items()), key=lambda item: item[0]):
+        if value == 0:
+            continue
+        label, kind = next(
+            (known for names, known in _KNOWN_CLASSES.items() if name.strip().lower() in names),
+            (name.replace("_", " ")[:64], codes.SCT.Lesion),
+        )
+        specs.append(SegmentSpec(value, label, kind=kind))
+    if [s.value for s in specs] != list(range(1, len(specs) + 1)):
+        raise ValueError(f"channel_def {dict(channel_def)} must number its classes 0, 1, 2, ... without gaps.")
+    return tuple(specs)
+
+
+def add_referenced_series(seg: hd.seg.Segmentation, series: SequenceOf[SequenceOf[Any]]) -> None:
+    """Also references every instance of further source ``series`` (lists of datasets) in the SEG's
+    ReferencedSeriesSequence (Common Instance Reference module): MoME+ segments the reference series from several
+    co-registered series of the study, which all contributed to the result."""
+    for instances in series:
+        item = Dataset()
+        item.SeriesInstanceUID = instances[0].SeriesInstanceUID
+        references = []
+        for ds in instances:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = ds.SOPClassUID
+            reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            references.append(reference)
+        item.ReferencedInstanceSequence = Sequence(references)
+        seg.ReferencedSeriesSequence.append(item)
 
 
 def seg_series_number(source_series_number: int | None) -> int:
@@ -79,7 +127,8 @@ def build_seg(
     segments: SequenceOf[SegmentSpec] = LESION,
     omit_empty_frames: bool = False,
 ) -> hd.seg.Segmentation:
-    """A binary DICOM-SEG of ``labels`` (same (X, Y, Z) shape as ``volume.array``) referencing every source slice.
+    """A binary DICOM-SEG of ``labels`` (same (X, Y, Z) shape as ``volume.array``) referencing every source slice;
+    one segment per entry of ``segments`` (label value -> segment number, e.g. BraTS sub-regions 1-3).
 
     Raises:
         ValueError: the label map is not on the source grid, or holds values without a segment.

@@ -22,9 +22,15 @@ MR_BRAIN = Code("24590-2", "LN", "MR Brain")
 
 
 def build_volume_sr(
-    seg: hd.seg.Segmentation, sources: Sequence[Any], volume_ml: float, model_name: str, model_version: str
+    seg: hd.seg.Segmentation,
+    sources: Sequence[Any],
+    volume_ml: float,
+    model_name: str,
+    model_version: str,
+    segment_volumes: Sequence[tuple[int, str, float]] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report of ``volume_ml`` for segment 1 of ``seg`` (whose source instances are ``sources``)."""
+    """A TID 1500 report of ``volume_ml`` for segment 1 of ``seg`` (whose source instances are ``sources``), or of
+    each ``(segment number, name, volume in mL)`` of ``segment_volumes`` (one volumetric ROI group per segment)."""
     algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(), name=model_name[:64], manufacturer_name="MoME open-source project", model_name=model_version
@@ -34,23 +40,26 @@ def build_volume_sr(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         )
     )
-    roi = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Lesions"),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=1,
-            source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
-        ),
-        finding_type=codes.SCT.Lesion,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
-        measurements=[
-            hd.sr.Measurement(name=codes.SCT.Volume, value=float(volume_ml), unit=MILLILITRE, algorithm_id=algorithm)
-        ],
-        algorithm_id=algorithm,
-    )
+    groups = [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name[:64]),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=int(number),
+                source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
+            ),
+            finding_type=codes.SCT.Lesion,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+            measurements=[
+                hd.sr.Measurement(name=codes.SCT.Volume, value=float(ml), unit=MILLILITRE, algorithm_id=algorithm)
+            ],
+            algorithm_id=algorithm,
+        )
+        for number, name, ml in (segment_volumes or [(1, "Lesions", volume_ml)])
+    ]
     report = hd.sr.MeasurementReport(
-        observation_context=context, procedure_reported=MR_BRAIN, imaging_measurements=[roi]
+        observation_context=context, procedure_reported=MR_BRAIN, imaging_measurements=groups
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg, *sources],

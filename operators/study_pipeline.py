@@ -6,6 +6,10 @@ through the stages and collects, per study, the routing decision for every serie
 report entries. Expected problems (a series that cannot become a volume, a study with nothing to segment) are
 recorded, never raised mid-graph; :func:`commit` decides at the end whether anything is written.
 
+MoME+ (``mode`` ``plus``, or ``auto`` with a MoME+ model and at least two of its modalities in the study): the chosen
+series of T1, T1ce, T2 and FLAIR are segmented together; the result lies on the reference series (the finest grid)
+and its SEG references every contributing series. Other series (DWI) still go through single-modality MoME.
+
 Per study (``OUT/<StudyInstanceUID>/``): ``seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG), ``sr_<SeriesInstanceUID>.dcm``
 (TID 1500 SR with the lesion volume, referencing the SEG), ``qc_<SeriesInstanceUID>.png`` and ``report.json``.
 Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by ``os.replace``
@@ -31,10 +35,11 @@ import pydicom
 from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify
 from operators.qc_image import qc_caption, save_qc_png
-from operators.seg_writer import build_seg
+from operators.seg_writer import add_referenced_series, build_seg, segments_for
 from operators.sr_writer import build_volume_sr
 
 __all__ = [
+    "MODES",
     "NothingToSegment",
     "SeriesTask",
     "StudyWork",
@@ -49,6 +54,9 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]
+MODES = ("auto", "single", "plus")
+# Reference series of a MoME+ group: the finest grid (smallest voxel), ties broken in this order.
+PLUS_REFERENCE_ORDER = ("t1ce", "t1", "flair", "t2")
 
 
 class NothingToSegment(ValueError):
@@ -63,8 +71,11 @@ class SeriesTask:
     header: SeriesHeader
     instances: list[Any]
     volume: SeriesVolume | None = None
-    segmentation: Any = None  # scripts.pipeline.NativeSegmentation
+    segmentation: Any = None  # scripts.pipeline.NativeSegmentation (PlusSegmentation on a MoME+ reference series)
     seconds: dict[str, float] = field(default_factory=dict)
+    plus_sources: list[SeriesTask] = field(default_factory=list)  # MoME+ reference: the other contributing series
+    plus_reference: str | None = None  # MoME+ contributor: SeriesInstanceUID of the reference series
+    in_plus_group: bool = False
 
 
 @dataclass
@@ -150,59 +161,199 @@ def _segment_task(task: SeriesTask, segmenter: Any, say: Progress) -> None:
     task.seconds.update(task.segmentation.seconds)
 
 
-def segment_study(work: StudyWork, segmenter: Any, say: Progress | None = None) -> StudyWork:
-    """Runs MoME on every chosen series; a series that cannot become a volume is recorded as rejected."""
+def segment_study(
+    work: StudyWork,
+    segmenter: Any,
+    say: Progress | None = None,
+    plus_segmenter: Any = None,
+    mode: str = "auto",
+) -> StudyWork:
+    """Runs MoME on every chosen series (and MoME+ on a group of them, see the module docstring); a series that
+    cannot become a volume is recorded as rejected.
+
+    ``segmenter`` may be ``None`` when the bundle holds only a MoME+ model: series MoME+ cannot take are then
+    recorded as not segmented, with that reason.
+    """
     say = say or (lambda _: None)
-    work.model = segmenter.describe()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    work.model = (segmenter or plus_segmenter).describe()
+    group = _plus_group(work.tasks, plus_segmenter, mode if segmenter is not None else "plus")
     for task in work.tasks:
+        if task.in_plus_group:
+            continue
+        name = f"series {task.header.series_uid}"
+        if segmenter is None:
+            reason = f"{name}: the bundle has no single-modality MoME model for {task.modality}"
+            work.entries[task.header.series_uid] = {"modality": task.modality, "rejected": reason}
+            continue
         say(f"study {work.study_uid}: {task.modality} series {task.header.series_uid}")
         try:
             _segment_task(task, segmenter, say)
         except SeriesRejected as error:
             say(f"series {task.header.series_uid} rejected: {error}")
             work.entries[task.header.series_uid] = {"modality": task.modality, "rejected": str(error)}
+    if group:
+        work.model["mome_plus"] = plus_segmenter.describe()
+        _segment_plus(work, group, plus_segmenter, say)
     return work
+
+
+def _plus_group(tasks: Sequence[SeriesTask], plus_segmenter: Any, mode: str) -> dict[str, SeriesTask]:
+    """The first chosen series of each MoME+ modality, when MoME+ runs for this study (marks them)."""
+    if plus_segmenter is None or mode == "single":
+        return {}
+    group: dict[str, SeriesTask] = {}
+    for task in tasks:
+        if task.modality in plus_segmenter.modalities and task.modality not in group:
+            group[task.modality] = task
+    if len(group) < (1 if mode == "plus" else 2):
+        return {}
+    for task in group.values():
+        task.in_plus_group = True
+    return group
+
+
+def _segment_plus(work: StudyWork, group: dict[str, SeriesTask], plus_segmenter: Any, say: Progress) -> None:
+    from scripts.pipeline import PlusChannel
+
+    loaded: dict[str, SeriesTask] = {}
+    for modality, task in group.items():
+        name = f"series {task.header.series_uid}"
+        started = time.perf_counter()
+        try:
+            task.volume = series_to_volume(read_pixels(task.instances, name))
+        except SeriesRejected as error:
+            say(f"series {task.header.series_uid} rejected: {error}")
+            work.entries[task.header.series_uid] = {"modality": modality, "rejected": str(error)}
+            continue
+        task.seconds["dicom_load"] = time.perf_counter() - started
+        loaded[modality] = task
+    if not loaded:
+        return
+    reference = min(loaded, key=lambda m: (_voxel_ml(loaded[m].volume), PLUS_REFERENCE_ORDER.index(m)))
+    channels = {
+        m: PlusChannel(t.volume.array, t.volume.affine, _frame_of_reference(t.volume), f"series {t.header.series_uid}")
+        for m, t in loaded.items()
+    }
+    say(f"study {work.study_uid}: MoME+ on {', '.join(loaded)} (reference {reference})")
+    ref_task = loaded[reference]
+    ref_task.segmentation = plus_segmenter.segment_channels(channels, reference, say)
+    ref_task.seconds.update(ref_task.segmentation.seconds)
+    ref_task.plus_sources = [t for m, t in loaded.items() if m != reference]
+    for task in ref_task.plus_sources:
+        task.plus_reference = ref_task.header.series_uid
+        work.entries[task.header.series_uid] = {
+            "modality": task.modality,
+            "used_in_mome_plus": ref_task.header.series_uid,
+            "coregistration": ref_task.segmentation.coregistration[task.modality].to_dict(),
+        }
+
+
+def _voxel_ml(volume: SeriesVolume) -> float:
+    return abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+
+
+def _frame_of_reference(volume: SeriesVolume) -> str | None:
+    value = getattr(volume.instances[0], "FrameOfReferenceUID", None)
+    return str(value) if value else None
 
 
 def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
     """One DICOM-SEG per segmented series on its exact source grid, and its volume SR, into ``study_dir``."""
-    from scripts.metrics import lesion_summary
-
     study_dir.mkdir(parents=True, exist_ok=True)
     name, version = str(work.model.get("name") or "MoME"), str(work.model.get("version") or "unknown")
     for task in work.tasks:
         if task.segmentation is None:
             continue
         started = time.perf_counter()
-        seg = build_seg(task.volume, task.segmentation.labels, name, version)
-        path = study_dir / f"seg_{task.volume.series_uid}.dcm"
-        seg.save_as(path)
+        if task.plus_sources or getattr(task.segmentation, "availability", None):
+            plus = work.model.get("mome_plus", {})
+            entry = _write_plus_seg(task, study_dir, str(plus.get("name") or name), str(plus.get("version") or version))
+        else:
+            entry = _write_single_seg(task, study_dir, name, version)
         task.seconds["seg_write"] = time.perf_counter() - started
-        voxel_ml = abs(float(np.linalg.det(task.volume.affine[:3, :3]))) / 1000.0
-        lesions = lesion_summary(task.segmentation.labels, voxel_ml)
-        sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version)
-        sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
-        sr.save_as(sr_path)
         registration = task.segmentation.registration.to_dict()
         work.entries[task.header.series_uid] = {
             "modality": task.modality,
             "series_number": task.header.series_number,
             "description": task.header.description,
             "shape": list(task.volume.array.shape),
-            **lesions,
+            **entry.pop("lesions"),
             "registration": registration,
-            "warnings": list(registration["warnings"]),
+            "warnings": list(registration["warnings"]) + entry.pop("warnings", []),
             "inference": getattr(task.segmentation, "inference", {}),
-            "seg": {
-                "file": path.name,
-                "sop_instance_uid": str(seg.SOPInstanceUID),
-                "series_instance_uid": str(seg.SeriesInstanceUID),
-                "series_number": int(seg.SeriesNumber),
-                "frames": int(seg.NumberOfFrames),
-            },
-            "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
+            **entry,
         }
     return work
+
+
+def _seg_record(seg: Any, path: Path) -> dict[str, Any]:
+    return {
+        "file": path.name,
+        "sop_instance_uid": str(seg.SOPInstanceUID),
+        "series_instance_uid": str(seg.SeriesInstanceUID),
+        "series_number": int(seg.SeriesNumber),
+        "frames": int(seg.NumberOfFrames),
+    }
+
+
+def _write_single_seg(task: SeriesTask, study_dir: Path, name: str, version: str) -> dict[str, Any]:
+    from scripts.metrics import lesion_summary
+
+    seg = build_seg(task.volume, task.segmentation.labels, name, version)
+    path = study_dir / f"seg_{task.volume.series_uid}.dcm"
+    seg.save_as(path)
+    lesions = lesion_summary(task.segmentation.labels, _voxel_ml(task.volume))
+    sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version)
+    sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
+    sr.save_as(sr_path)
+    return {
+        "lesions": lesions,
+        "seg": _seg_record(seg, path),
+        "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
+    }
+
+
+def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) -> dict[str, Any]:
+    """The MoME+ SEG (one segment per class) on the reference series, referencing every contributing series."""
+    from scripts.metrics import lesion_summary
+
+    result, labels = task.segmentation, task.segmentation.labels
+    segments = segments_for(_channel_def_of(task))
+    seg = build_seg(task.volume, labels, name, version, segments=segments)
+    add_referenced_series(seg, [source.volume.instances for source in task.plus_sources])
+    path = study_dir / f"seg_{task.volume.series_uid}.dcm"
+    seg.save_as(path)
+    voxel_ml = _voxel_ml(task.volume)
+    lesions = lesion_summary(labels > 0, voxel_ml)
+    regions = {s.label: round(float((labels == s.value).sum()) * voxel_ml, 3) for s in segments}
+    volumes = [(s.value, s.label, regions[s.label]) for s in segments]
+    sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version, volumes)
+    sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
+    sr.save_as(sr_path)
+    coregistration = {m: c.to_dict() for m, c in result.coregistration.items()}
+    return {
+        "lesions": lesions,
+        "mode": "mome_plus",
+        "modalities_available": [m for m, present in result.availability.items() if present],
+        "modalities_missing": [m for m, present in result.availability.items() if not present],
+        "reference_modality": result.reference,
+        "contributing_series": {
+            task.modality: task.header.series_uid,
+            **{s.modality: s.header.series_uid for s in task.plus_sources},
+        },
+        "region_volume_ml": regions,
+        "coregistration": coregistration,
+        "warnings": [f"{m}: {w}" for m, c in coregistration.items() for w in c["warnings"]],
+        "seg": {**_seg_record(seg, path), "segments": [s.label for s in segments]},
+        "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
+    }
+
+
+def _channel_def_of(task: SeriesTask) -> dict[str, str]:
+    """The MoME+ model's classes (label value -> name) recorded on its segmentation."""
+    return dict(getattr(task.segmentation, "channel_def", None) or {"0": "background", "1": "lesion"})
 
 
 def _study_summary(work: StudyWork) -> dict[str, Any]:
@@ -215,7 +366,16 @@ def _study_summary(work: StudyWork) -> dict[str, Any]:
         "lesion_volume_ml": {entry["modality"]: entry["lesion_volume_ml"] for entry in done},
         "max_lesion_volume_ml": max((entry["lesion_volume_ml"] for entry in done), default=None),
         "warnings": sorted({warning for entry in done for warning in entry["warnings"]}),
+        **_plus_summary(done),
     }
+
+
+def _plus_summary(done: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    plus = [entry for entry in done if entry.get("mode") == "mome_plus"]
+    if not plus:
+        return {}
+    keys = ("reference_modality", "modalities_available", "modalities_missing", "region_volume_ml")
+    return {"mome_plus": {key: plus[0][key] for key in keys}}
 
 
 def write_report(work: StudyWork, study_dir: Path) -> dict[str, Any]:
@@ -225,7 +385,10 @@ def write_report(work: StudyWork, study_dir: Path) -> dict[str, Any]:
         if "seg" not in entry:
             continue
         started = time.perf_counter()
-        caption = qc_caption(f"{task.modality} series {task.header.series_number}", entry, work.model)
+        subject = f"{task.modality} series {task.header.series_number}"
+        if entry.get("mode") == "mome_plus":
+            subject = f"MoME+ ({'+'.join(entry['modalities_available'])}) on {subject}"
+        caption = qc_caption(subject, entry, work.model)
         path = study_dir / f"qc_{task.volume.series_uid}.png"
         save_qc_png(task.volume.array, task.segmentation.labels, task.volume.affine, path, caption)
         task.seconds["qc_png"] = time.perf_counter() - started

@@ -88,6 +88,11 @@ class MoMESegmenter:
         if device is not None:
             parser["device"] = f"$torch.device('{torch.device(device)}')"
         self.metadata = {"name": parser.get("_meta_#name"), "version": parser.get("_meta_#version")}
+        formats = ["_meta_#mome_plus#network_data_format", "_meta_#network_data_format"][0 if self.PLUS else 1 :]
+        channel_defs = [parser.get(f"{key}#outputs#pred#channel_def") for key in formats]
+        self.channel_def = {
+            str(k): str(v) for k, v in next((c for c in channel_defs if c), {"0": "background", "1": "lesion"}).items()
+        }
         spacing = [float(s) for s in parser.get("spacing", [1.0, 1.0, 1.0])]
         if max(spacing) - min(spacing) > 1e-6:
             raise ValueError(f"{self.bundle_dir}: MoME space needs an isotropic spacing, the bundle has {spacing}.")
@@ -187,6 +192,7 @@ class PlusSegmentation(NativeSegmentation):
 
     reference: str = ""
     availability: Dict[str, bool] = field(default_factory=dict)
+    channel_def: Dict[str, str] = field(default_factory=dict)  # label value -> class name
     coregistration: Dict[str, CoRegistration] = field(default_factory=dict)
 
 
@@ -275,6 +281,7 @@ class MoMEPlusSegmenter(MoMESegmenter):
             inference=self.inference_record(),
             reference=reference,
             availability={m: m in channels for m in self.modalities},
+            channel_def=dict(self.channel_def),
             coregistration=aligned,
         )
 
