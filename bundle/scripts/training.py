@@ -303,6 +303,8 @@ class Trainer:
         resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
         progress: show a progress bar per epoch.
         max_iterations: stop after this many iterations in total (for smoke tests and budgets); ``None`` = all.
+        modality_dropout: a plain multi-channel U-Net trained like MoME+ (random availability per sample, dropped
+            channels zero-filled; validation per availability pattern): the MoME+ benchmark's baseline.
         gate_warmup_epochs: MoME only. Train only the gate, on the fused loss, for this many first epochs, with the
             experts frozen (their forward runs without autograd, so an iteration costs about half); the curriculum
             then runs over the remaining epochs (``r = (epoch - warm-up) / (epochs - warm-up)``). 0 (default) is the
@@ -341,6 +343,7 @@ class Trainer:
         gate_warmup_epochs: int = 0,
         curriculum: bool = True,
         val_patterns: Sequence[Sequence[int]] | None = None,
+        modality_dropout: bool = False,
     ) -> None:
         if clip_scope not in ("all", "gate"):
             raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
@@ -358,10 +361,11 @@ class Trainer:
         self.modalities = [m.lower() for m in modalities]
         self.train_cases = self._with_expert(train_cases)
         self.val_patches = _validation_patches(self._with_expert(val_cases), patch_size) if val_cases else []
-        sampler = PlusPatchSampler if self.is_plus else PatchSampler
+        self.dropout = self.is_plus or modality_dropout
+        sampler = PlusPatchSampler if self.dropout else PatchSampler
         self.sampler = sampler(self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed)
         self.num_classes = int(network.num_classes if self.is_mome else network.out_channels)
-        self.val_patterns = self._val_patterns(val_patterns) if self.is_plus else []
+        self.val_patterns = self._val_patterns(val_patterns) if self.dropout else []
         levels = self._levels(network)
         if self.is_plus:
             self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum)
@@ -379,7 +383,7 @@ class Trainer:
 
     def _val_patterns(self, patterns: Sequence[Sequence[int]] | None) -> List[torch.Tensor]:
         """MoME+ validation availability patterns: all modalities, then each one alone (default)."""
-        m = self.network.num_modalities
+        m = self.network.num_modalities if self.is_plus else self.network.in_channels
         if patterns is None:
             patterns = [[1] * m] + [[int(j == i) for j in range(m)] for i in range(m)]
         checked = [torch.tensor([float(v) for v in p]) for p in patterns]
@@ -485,7 +489,7 @@ class Trainer:
 
     def _val_runs(self, patch: Dict[str, object]) -> List[Tuple[str, Dict[str, object]]]:
         """(log name, network call arguments) of each validation pass over one patch."""
-        if not self.is_plus:
+        if not self.dropout:
             name = self.modalities[patch["expert"]] if patch["expert"] >= 0 else "unknown"  # type: ignore[operator]
             return [(name, {})]
         present = patch.get(AVAILABILITY_KEY)
@@ -497,7 +501,8 @@ class Trainer:
             runs.append(
                 (
                     pattern_name(pattern.tolist(), self.modalities),
-                    {"mask": c[None, :, None, None, None], "args": {"availability": c[None]}},
+                    # a plain U-Net (modality_dropout) sees the zero-filled channels only
+                    {"mask": c[None, :, None, None, None], "args": {"availability": c[None]} if self.is_plus else {}},
                 )
             )
         return runs

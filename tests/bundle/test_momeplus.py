@@ -467,3 +467,17 @@ def test_native_study_channels_are_coregistered_and_segmented_on_the_reference_g
     assert result.mome_image.shape[0] == 4 and not result.mome_image[0].any(), "missing T1 is zero"
     with pytest.raises(ValueError, match="subset of"):
         segmenter.segment_channels({"dwi": channels["t2"]}, reference="dwi")
+
+
+def test_zero_filled_unet_baseline_trains_with_the_same_modality_dropout(tmp_path):
+    from scripts.training import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(4, 4, **SMALL)
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    cases = _cases()
+    options = {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False, "modality_dropout": True}
+    trainer = Trainer(unet, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options)
+    history = trainer.run()
+    assert isinstance(trainer.sampler, PlusPatchSampler)
+    assert set(history[-1]["val_dice"]) == {"t1+t1ce+t2+flair", "t1", "t1ce", "t2", "flair", "mean"}

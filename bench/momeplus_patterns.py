@@ -1,0 +1,296 @@
+"""MoME+ benchmark: all 15 availability patterns of T1, T1ce, T2, FLAIR on held-out synthetic gliomas.
+
+Three models are trained on the same synthetic multi-contrast glioma subjects (BraTS sub-region labels: 1 necrotic
+core, 2 oedema, 3 enhancing) and compared on a held-out seed, for every non-empty subset of the four contrasts:
+
+* ``mome_plus``: the demo MoME+ (``configs/train_plus.json``: dispatch MLP, 4 experts, prior-conditioned gate, modality
+  dropout, curriculum applied), trained from scratch;
+* ``unet_zero_fill``: one plain U-Net on all four channels, trained with the same modality dropout, missing channels
+  zero-filled (``modality_dropout``), of about the same parameter count;
+* ``mome_best_single``: a single-modality MoME (4 experts + gate, ``configs/train.json`` with 4 classes) trained on the
+  same subjects one contrast at a time, applied to the best available contrast of each pattern (best = highest Dice
+  of that model on its own validation patches, so the test set does not choose).
+
+Metrics per case and pattern: Dice of the BraTS regions whole tumour (labels 1-3), tumour core (1, 3) and enhancing
+tumour (3), and their mean. Each step is skipped when its output exists, so an interrupted run continues; ``--parallel``
+trains the three models side by side with one thread each. Results: ``bench/results/momeplus_patterns.json`` and
+``.md``; ``--export-demo`` copies the MoME+ weights to ``bundle/models/model_plus.pt``.
+
+Usage (repository root, inside the venv)::
+
+    python bench/momeplus_patterns.py --workdir .train4 [--parallel] [--only mome_plus] [--export-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+RESULTS = REPO / "bench" / "results"
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+MODELS = ("mome_plus", "unet_zero_fill", "mome_best_single")
+REGIONS = {"whole_tumour": (1, 2, 3), "tumour_core": (1, 3), "enhancing": (3,)}
+DEFAULTS = {
+    "train_subjects": 80,
+    "test_subjects": 20,
+    "train_seed": 0,
+    "test_seed": 1,
+    "epochs": 30,
+    "iterations": 25,
+    "lr": 0.001,
+    "foreground_fraction": 0.5,
+    "unet_features": [20, 40, 80, 156],
+    "seed": 0,
+}
+ADAMW = "$torch.optim.AdamW(@network.parameters(), lr=@learning_rate, weight_decay=3e-5)"
+
+
+def _env(threads: int | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def generate(workdir: Path, seed: int, subjects: int) -> Path:
+    out = workdir / f"plus_seed{seed}"
+    if not (out / "dataset.json").is_file():
+        cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(out), "--cases", str(subjects), "--seed"]
+        cmd += [str(seed), "--multichannel", "--label-scheme", "brats", "--lesion-types", "glioma=1", "--quiet"]
+        subprocess.run(cmd, cwd=BUNDLE, env=_env(None), check=True)
+    return out
+
+
+def single_contrast_view(data: Path) -> Path:
+    """The multi-channel dataset as single-contrast cases (same files; ``modality`` per channel) for MoME."""
+    view = data / "single_contrast.json"
+    if not view.is_file():
+        dataset = json.loads((data / "dataset.json").read_text())
+        entries = []
+        for entry in dataset["training"]:
+            for modality, image in zip(entry["modalities"], entry["image"]):
+                case = {"case": f"{entry['case']}_{modality}", "subject": entry["subject"], "modality": modality}
+                entries.append({**case, "image": image, "label": entry["label"], "lesion_type": entry["lesion_type"]})
+        view.write_text(json.dumps({**dataset, "channel_names": {"0": "MR"}, "training": entries}, indent=1))
+    return view
+
+
+def _train(config: str, overrides: dict, out: Path, threads: int | None) -> Path:
+    if (out / "model_final.pt").is_file():
+        return out
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}", "--bundle_root", "."]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "a") as log:
+        code = subprocess.run(args, cwd=BUNDLE, env=_env(threads), stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"training {out.name} failed (exit {code}); see {out / 'train.log'}.")
+    return out
+
+
+def _common(cfg: dict, out: Path) -> dict:
+    return {
+        "seed": cfg["seed"], "progress": "False", "optimizer": ADAMW, "learning_rate": cfg["lr"],
+        "foreground_fraction": cfg["foreground_fraction"], "epochs": cfg["epochs"],
+        "iterations_per_epoch": cfg["iterations"], "output_dir": str(out), "init_experts": "False",
+    }  # fmt: skip
+
+
+def train_model(name: str, cfg: dict, workdir: Path, data: Path, threads: int | None) -> Path:
+    out = workdir / name
+    common = {**_common(cfg, out), "dataset_dir": str(data)}
+    if name == "mome_plus":
+        return _train("train_plus.json", common, out, threads)
+    if name == "unet_zero_fill":
+        network = {
+            "_target_": "scripts.training.build_unet", "in_channels": 4, "num_classes": "@num_classes",
+            "features_per_stage": cfg["unet_features"], "kernel_sizes": "@kernel_sizes", "strides": "@strides",
+            "n_conv_per_stage": "@n_conv_per_stage", "n_conv_per_stage_decoder": "@n_conv_per_stage_decoder",
+        }  # fmt: skip
+        return _train("train_plus.json", {**common, "network_def": network, "modality_dropout": "True"}, out, threads)
+    overrides = {**common, "dataset_json": str(single_contrast_view(data)), "num_classes": 4}
+    overrides["modalities"] = list(MODALITIES)
+    return _train("train.json", overrides, out, threads)
+
+
+def _networks(workdir: Path, cfg: dict):
+    """The three trained networks (eval mode) and the single MoME's contrast ranking from its validation Dice."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.networks import MoME, MoMEPlus
+    from scripts.training import build_unet
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train_plus.json"))
+    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
+    topology = {k: parser[k] for k in keys}
+    nets = {
+        "mome_plus": MoMEPlus(4, 4, **topology),
+        "unet_zero_fill": build_unet(4, 4, **{**topology, "features_per_stage": cfg["unet_features"]}),
+        "mome_best_single": MoME(4, 1, 4, **topology),
+    }
+    for name, net in nets.items():
+        net.load_state_dict(torch.load(workdir / name / "model.pt", map_location="cpu", weights_only=True))
+        net.eval()
+    log = [json.loads(line) for line in (workdir / "mome_best_single" / "train_log.jsonl").read_text().splitlines()]
+    best = max((r for r in log if r.get("best")), key=lambda r: r["epoch"], default=log[-1])
+    ranking = sorted(MODALITIES, key=lambda m: -best["val_dice"].get(m, 0.0))
+    return nets, ranking, topology
+
+
+def region_dice(prediction, truth) -> dict[str, float]:
+    import numpy as np
+
+    out = {}
+    for region, labels in REGIONS.items():
+        p, t = np.isin(prediction, labels), np.isin(truth, labels)
+        denominator = int(p.sum()) + int(t.sum())
+        out[region] = 1.0 if denominator == 0 else 2.0 * float((p & t).sum()) / denominator
+    out["mean"] = float(np.mean([out[r] for r in REGIONS]))
+    return out
+
+
+def evaluate(workdir: Path, cfg: dict, test: Path) -> dict:
+    """Dice of every model, case and availability pattern on the held-out set (whole volumes, fast profile)."""
+    import numpy as np
+    import torch
+    from monai.transforms import LoadImage, NormalizeIntensity
+
+    from scripts.plus import LoadModalitiesd, availability_patterns, pattern_name
+    from scripts.profiles import ProfileInferer
+
+    nets, ranking, _ = _networks(workdir, cfg)
+    parser_patch = json.loads((BUNDLE / "configs" / "train_plus.json").read_text())["patch_size"]
+    inferer = ProfileInferer(profile="fast", roi_size=parser_patch)
+    normalize = NormalizeIntensity(nonzero=False, channel_wise=True)
+    loader, label_loader = LoadModalitiesd("image", 4), LoadImage(image_only=True)
+    cases = json.loads((test / "dataset.json").read_text())["training"]
+    rows = []
+    for entry in cases:
+        data = loader({"image": [str(test / f) for f in entry["image"]], "case": entry["case"]})
+        full = normalize(data["image"].as_tensor())
+        truth = np.asarray(label_loader(str(test / entry["label"])))
+        for pattern in availability_patterns(4):
+            c = torch.tensor([pattern], dtype=torch.float32)
+            x = (full * c[0, :, None, None, None])[None]
+            best = next(m for m in ranking if pattern[MODALITIES.index(m)])
+            single = full[MODALITIES.index(best)][None, None]
+            with torch.inference_mode():
+                logits = {
+                    "mome_plus": inferer(x, nets["mome_plus"], availability=c),
+                    "unet_zero_fill": inferer(x, nets["unet_zero_fill"]),
+                    "mome_best_single": inferer(single, nets["mome_best_single"]),
+                }
+            name = pattern_name(pattern, MODALITIES)
+            for model, out in logits.items():
+                dice = region_dice(out[0].argmax(0).numpy(), truth)
+                rows.append({"case": entry["case"], "pattern": name, "model": model, **dice})
+                if model == "mome_best_single":
+                    rows[-1]["contrast"] = best
+        print(f"evaluated {entry['case']}", flush=True)
+    return {"rows": rows, "single_ranking": ranking}
+
+
+def summarise(rows: list[dict]) -> dict:
+    import numpy as np
+
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for pattern in dict.fromkeys(r["pattern"] for r in rows):
+        table[pattern] = {}
+        for model in MODELS:
+            mine = [r for r in rows if r["pattern"] == pattern and r["model"] == model]
+            table[pattern][model] = {k: float(np.mean([r[k] for r in mine])) for k in (*REGIONS, "mean")}
+    overall = {m: float(np.mean([table[p][m]["mean"] for p in table])) for m in MODELS}
+    return {"per_pattern": table, "mean_over_patterns": overall}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# MoME+ vs baselines over the 15 availability patterns (synthetic gliomas, held-out seed)",
+        "",
+        f"Machine: {report['machine']}. Training: {report['training']}.",
+        f"Single-modality MoME contrast ranking (its validation Dice): {' > '.join(report['single_ranking'])}.",
+        "",
+        "Mean of the whole-tumour, tumour-core and enhancing-tumour Dice:",
+        "",
+        "| available | MoME+ | U-Net (zero-filled) | MoME on best single | MoME+ - U-Net | MoME+ - best single |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pattern, row in report["summary"]["per_pattern"].items():
+        a, b, c = (row[m]["mean"] for m in MODELS)
+        lines.append(f"| {pattern} | {a:.3f} | {b:.3f} | {c:.3f} | {a - b:+.3f} | {a - c:+.3f} |")
+    a, b, c = (report["summary"]["mean_over_patterns"][m] for m in MODELS)
+    lines.append(
+        f"| **mean of patterns** | **{a:.3f}** | **{b:.3f}** | **{c:.3f}** | **{a - b:+.3f}** | **{a - c:+.3f}** |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / ".train4")
+    parser.add_argument("--parallel", action="store_true", help="train the models side by side, one thread each")
+    parser.add_argument("--only", nargs="+", choices=MODELS, help="train only these (no evaluation)")
+    parser.add_argument("--export-demo", action="store_true", help="copy MoME+ weights to bundle/models/model_plus.pt")
+    for key, value in DEFAULTS.items():
+        many = isinstance(value, list)
+        kind = int if many else type(value)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value, nargs="+" if many else None)
+    args = parser.parse_args(argv)
+    cfg = {key: getattr(args, key) for key in DEFAULTS}
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    train = generate(workdir, cfg["train_seed"], cfg["train_subjects"])
+    test = generate(workdir, cfg["test_seed"], cfg["test_subjects"])
+    threads = 1 if args.parallel else None
+    started = time.time()
+    models = args.only or MODELS
+    workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads)) for m in models]
+    for worker in workers:
+        worker.start()
+        if not args.parallel:
+            worker.join()
+    for worker in workers:
+        worker.join()
+    if args.only:
+        return 0
+    sys.path.insert(0, str(BUNDLE))
+    evaluation = evaluate(workdir, cfg, test)
+    seconds = {m: _train_seconds(workdir / m) for m in MODELS}
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "training": f"{cfg['epochs']} epochs x {cfg['iterations']} iterations each, AdamW lr {cfg['lr']}, "
+        f"train seconds {seconds}, wall {time.time() - started:.0f} s",
+        "config": cfg,
+        "single_ranking": evaluation["single_ranking"],
+        "summary": summarise(evaluation["rows"]),
+        "per_case": evaluation["rows"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "momeplus_patterns.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "momeplus_patterns.md").write_text(markdown(report))
+    print(markdown(report))
+    if args.export_demo:
+        shutil.copy2(workdir / "mome_plus" / "model.pt", BUNDLE / "models" / "model_plus.pt")
+    return 0
+
+
+def _train_seconds(model_dir: Path) -> float:
+    log = model_dir / "train_log.jsonl"
+    return round(sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
