@@ -12,6 +12,12 @@ Cases come from ``DIR/dataset.json`` (its ``"training"`` list, paths relative to
 is given, the bundle's own ``configs/inference.json`` segments the images; predictions are kept in
 ``<out stem>_predictions/`` next to ``--out``. Metrics are those of the bundle's ``scripts.metrics``.
 
+MoME+ datasets (``dataset.json`` entries whose ``image`` lists one file per channel, as written by
+``scripts.synthetic --multichannel``) are evaluated with the bundle's MoME+ model (``configs/inference_plus.json``)
+once per availability pattern (``--patterns``: ``all`` = the 15 non-empty subsets of T1, T1ce, T2, FLAIR (default),
+or names like ``t1ce+flair``); results are grouped per pattern and, for BraTS labels, include the Dice of the whole
+tumour, tumour core and enhancing tumour. A pattern needing a channel a case lacks skips that case.
+
 Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected (no cases, a missing label or prediction, a
 prediction not on its label's grid; no results file is written).
 """
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
     parser.add_argument("--profile", choices=PROFILE_NAMES, help=PROFILE_HELP)
     parser.add_argument("--cases", nargs="+", metavar="CASE_ID", help="evaluate only these cases")
+    parser.add_argument(
+        "--patterns",
+        nargs="+",
+        metavar="PATTERN",
+        default=["all"],
+        help="MoME+ datasets: availability patterns to evaluate, 'all' (default) or names like t1ce+flair",
+    )
     return parser
 
 
@@ -292,18 +305,27 @@ def build_results(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A readable summary: one line per modality, then the overall mean and the mean of the modality means."""
-    header = f"{'modality':<10} {'n':>4} {'Dice':>7} {'|vol err| mL':>13} {'lesion F1':>10}"
+    """A readable summary: one line per modality (MoME+: per pattern), the overall mean and the mean of the group
+    means; MoME+ results on BraTS labels add the mean Dice of the three BraTS regions."""
+    groups = results.get("per_modality") or results["per_pattern"]
+    kind = "modality" if "per_modality" in results else "pattern"
+    width = max([10, *(len(name) for name in groups)])
+    regions = all("dice_regions" in row for row in groups.values())
+    header = f"{kind:<{width}} {'n':>4} {'Dice':>7} {'|vol err| mL':>13} {'lesion F1':>10}"
+    header += f" {'BraTS regions':>14}" if regions else ""
 
     def line(name: str, n: int, row: dict[str, float]) -> str:
-        return f"{name:<10} {n:>4} {row['dice']:>7.4f} {row['abs_volume_error_ml']:>13.3f} {row['lesion_f1']:>10.4f}"
+        text = (
+            f"{name:<{width}} {n:>4} {row['dice']:>7.4f} {row['abs_volume_error_ml']:>13.3f} {row['lesion_f1']:>10.4f}"
+        )
+        return text + (f" {row['dice_regions']:>14.4f}" if regions and "dice_regions" in row else "")
 
     rows = [header, "-" * len(header)]
-    rows += [line(name, row["n"], row) for name, row in results["per_modality"].items()]
+    rows += [line(name, row["n"], row) for name, row in groups.items()]
     overall = results["overall"]
     rows += ["-" * len(header), line("overall", overall["n"], overall)]
     macro = overall["mean_of_group_means"]
-    rows.append(line("mod. mean", macro["n_groups"], macro) + "  (mean of the per-modality means)")
+    rows.append(line("group mean", macro["n_groups"], macro) + f"  (mean of the per-{kind} means)")
     return "\n".join(rows)
 
 
@@ -318,6 +340,8 @@ def _predictions_dir(args: argparse.Namespace, scratch: Path) -> Path:
 
 
 def _evaluate(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    if is_multichannel(args.data):
+        return _evaluate_plus(args, scratch)
     cases = select_cases(discover_cases(args.data), args.cases, args.data)
     pred_dir = _predictions_dir(args, scratch)
     if args.predictions is None:
@@ -327,6 +351,138 @@ def _evaluate(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     per_case = [evaluate_case(case, prediction_path(pred_dir, case.image), args.data) for case in cases]
     profile = None if args.predictions else (args.profile or _bundle_profile(args.model))
     results = build_results(args.model, args.data, per_case, profile)
+    if pred_dir != scratch:
+        results["predictions"] = str(pred_dir.resolve())
+    return results
+
+
+def is_multichannel(data_dir: Path) -> bool:
+    """Whether ``dataset.json`` lists MoME+ cases (one image file per channel)."""
+    dataset_json = data_dir / "dataset.json"
+    if not (dataset_json.is_file() and _has_training_list(dataset_json)):
+        return False
+    entries = json.loads(dataset_json.read_text())["training"]
+    return bool(entries) and isinstance(entries[0].get("image"), list)
+
+
+def _plus_modalities(bundle: Path) -> list[str]:
+    from app.bundle_path import installed_models
+
+    if not installed_models(bundle)["plus"]:
+        raise InputRejected(
+            f"{bundle}: the dataset is multi-channel (MoME+), but the bundle has no MoME+ model "
+            "(configs/inference_plus.json with models/model_plus.pt)."
+        )
+    return [str(m) for m in json.loads((bundle / "configs" / "inference_plus.json").read_text())["modalities"]]
+
+
+def plus_patterns(wanted: Sequence[str], modalities: Sequence[str]) -> list[tuple[int, ...]]:
+    """Availability vectors for ``--patterns`` (``all`` or ``+``-joined modality names)."""
+    from scripts.plus import availability_patterns, pattern_name
+
+    every = availability_patterns(len(modalities))
+    if list(wanted) == ["all"]:
+        return every
+    by_name = {pattern_name(p, modalities): p for p in every}
+    unknown = [w for w in wanted if w not in by_name]
+    if unknown:
+        raise InputRejected(f"--patterns {unknown}: not subsets of {'+'.join(modalities)} written in that order.")
+    return [by_name[w] for w in wanted]
+
+
+def _plus_items(args: argparse.Namespace, modalities: Sequence[str]) -> list[dict[str, Any]]:
+    """One inference item per case and pattern, with the pattern's channels (``None`` = withheld)."""
+    from monai.data import load_decathlon_datalist
+
+    from scripts.plus import pattern_name
+
+    dataset_json = args.data / "dataset.json"
+    entries = load_decathlon_datalist(dataset_json, data_list_key="training", base_dir=args.data)
+    names = [str(e.get("case") or nifti_stem(Path(e["label"]))) for e in entries]
+    unknown = sorted(set(args.cases or []) - set(names))
+    if unknown:
+        raise InputRejected(f"{args.data}: no such case(s): {', '.join(unknown)}.")
+    items = []
+    for name, entry in zip(names, entries):
+        if args.cases and name not in args.cases:
+            continue
+        files = [Path(f) if f else None for f in entry["image"]]
+        if len(files) != len(modalities):
+            raise InputRejected(
+                f"{dataset_json}: case {name} has {len(files)} channel files, the model {len(modalities)}."
+            )
+        for path in [f for f in files if f is not None] + [Path(entry["label"])]:
+            if not path.is_file():
+                raise InputRejected(f"{path}: file of case {name} not found.")
+        for pattern in plus_patterns(args.patterns, modalities):
+            if any(flag and files[k] is None for k, flag in enumerate(pattern)):
+                continue
+            channels = [str(files[k]) if flag else None for k, flag in enumerate(pattern)]
+            key = f"{name}__{pattern_name(pattern, modalities)}"
+            items.append({"image": channels, "case": key, "label": Path(entry["label"]), "name": name,
+                          "pattern": pattern_name(pattern, modalities)})  # fmt: skip
+    if not items:
+        raise InputRejected(f"{args.data}: no case has the channels of the requested patterns.")
+    return items
+
+
+def run_plus_inference(
+    bundle: Path, items: Sequence[dict[str, Any]], out_dir: Path, device: str | None, profile: str | None = None
+) -> None:
+    """Runs the bundle's ``configs/inference_plus.json``; writes ``<case>__<pattern>_seg.nii.gz`` to ``out_dir``."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "inference_plus.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(bundle),
+        output_dir=str(out_dir),
+        datalist=[{"image": item["image"], "case": item["case"]} for item in items],
+        **_device_override(device),
+        **({"profile": profile} if profile else {}),
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def _evaluate_plus(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    from scripts.metrics import brats_region_dice, lesion_metrics, summarise
+
+    modalities = _plus_modalities(args.model)
+    items = _plus_items(args, modalities)
+    pred_dir = _predictions_dir(args, scratch)
+    if args.predictions is None:
+        run_plus_inference(args.model, items, pred_dir, args.device, args.profile)
+    per_case = []
+    for item in items:
+        prediction = pred_dir / f"{item['case']}_seg.nii.gz"
+        if not prediction.is_file():
+            raise InputRejected(f"{prediction}: prediction of case {item['name']} ({item['pattern']}) not found.")
+        check_same_grid(prediction, item["label"])
+        label = nib.load(item["label"])
+        truth, predicted = np.asanyarray(label.dataobj), np.asanyarray(nib.load(prediction).dataobj)
+        voxel_ml = float(np.prod(label.header.get_zooms()[:3])) / 1000.0
+        record = {"case": item["name"], "pattern": item["pattern"], **lesion_metrics(predicted, truth, voxel_ml)}
+        if int(truth.max(initial=0)) <= 3 and int(predicted.max(initial=0)) <= 3:
+            record.update(brats_region_dice(predicted, truth))
+        per_case.append(record)
+    by_pattern = summarise(per_case, key="pattern")
+    regions = [k for k in ("dice_whole_tumour", "dice_tumour_core", "dice_enhancing_tumour", "dice_regions")
+               if all(k in r for r in per_case)]  # fmt: skip
+    for pattern, group in by_pattern["groups"].items():
+        mine = [r for r in per_case if r["pattern"] == pattern]
+        group.update({k: float(np.mean([r[k] for r in mine])) for k in regions})
+    results: dict[str, Any] = {
+        "model": {**model_info(args.model), "mome_plus": True, "profile": args.profile or _bundle_profile(args.model)},
+        "data": str(args.data.resolve()),
+        "modalities": modalities,
+        "per_case": per_case,
+        "per_pattern": by_pattern["groups"],
+        "overall": by_pattern["overall"],
+    }
     if pred_dir != scratch:
         results["predictions"] = str(pred_dir.resolve())
     return results

@@ -19,9 +19,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["connected_components", "dice", "lesion_detection", "lesion_metrics", "lesion_summary", "summarise"]
+__all__ = [
+    "BRATS_REGIONS",
+    "brats_region_dice",
+    "connected_components",
+    "dice",
+    "lesion_detection",
+    "lesion_metrics",
+    "lesion_summary",
+    "summarise",
+]
 
 SUMMARY_METRICS = ("dice", "abs_volume_error_ml", "lesion_f1")
+# BraTS evaluation regions over the sub-region labels 1 necrotic core, 2 oedema, 3 enhancing tumour.
+BRATS_REGIONS = {"whole_tumour": (1, 2, 3), "tumour_core": (1, 3), "enhancing_tumour": (3,)}
 
 
 def _binary(mask: np.ndarray) -> np.ndarray:
@@ -155,3 +166,16 @@ def summarise(per_case: Sequence[dict[str, Any]], key: str = "modality") -> dict
     group_means = {name: float(np.mean([g[name] for g in groups.values()])) for name in SUMMARY_METRICS}
     overall = {**_means(per_case), "mean_of_group_means": {"n_groups": len(groups), **group_means}}
     return {"groups": groups, "overall": overall}
+
+
+def brats_region_dice(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice of the BraTS regions (``dice_whole_tumour``, ``dice_tumour_core``, ``dice_enhancing_tumour``) and their
+    mean ``dice_regions``; a region absent from both prediction and truth scores 1."""
+    _check_shapes(prediction, truth)
+    out = {}
+    for region, labels in BRATS_REGIONS.items():
+        p, t = np.isin(prediction, labels), np.isin(truth, labels)
+        total = int(p.sum()) + int(t.sum())
+        out[f"dice_{region}"] = 1.0 if total == 0 else 2.0 * float((p & t).sum()) / total
+    out["dice_regions"] = float(np.mean(list(out.values())))
+    return out

@@ -197,3 +197,45 @@ def test_folder_discovery_without_dataset_json(tmp_path):
     ]
     assert cases[0].label == tmp_path / "labelsTs" / "sub1_FLAIR.nii.gz"
     assert modality_of("x_t1ce_extra") == "unknown" and modality_of("x_t2") == "t2"
+
+
+def _tiny_plus_bundle(tmp_path: Path) -> Path:
+    import shutil
+
+    import torch
+
+    from scripts.networks import MoMEPlus
+
+    bundle = tmp_path / "bundle_plus"
+    shutil.copytree(REPO / "bundle", bundle, ignore=shutil.ignore_patterns("models", "training", "data", "__pycache__"))
+    path = bundle / "configs" / "inference_plus.json"
+    config = {**json.loads(path.read_text()), "features_per_stage": [2, 4, 8, 16], "patch_size": [16, 16, 16]}
+    path.write_text(json.dumps(config, indent=1))
+    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
+    torch.manual_seed(0)
+    (bundle / "models").mkdir()
+    torch.save(MoMEPlus(4, 4, **{k: config[k] for k in keys}).state_dict(), bundle / "models" / "model_plus.pt")
+    return bundle
+
+
+def test_mome_plus_dataset_is_evaluated_per_availability_pattern(tmp_path, capsys, converted_bundle):
+    from scripts.synthetic import generate_dataset
+
+    data = tmp_path / "plus"
+    generate_dataset(data, 2, seed=3, spacing=4.0, modalities=["t1", "t1ce", "t2", "flair"],
+                     lesion_weights={"glioma": 1.0}, multichannel=True, label_scheme="brats")  # fmt: skip
+    bundle = _tiny_plus_bundle(tmp_path)
+    out = tmp_path / "results.json"
+    args = ["--data", str(data), "--model", str(bundle), "--out", str(out), "--patterns", "t1ce+flair", "flair"]
+    assert eval_main(args) == 0
+    results = json.loads(out.read_text())
+    assert list(results["per_pattern"]) == ["t1ce+flair", "flair"] and results["modalities"] == ["t1", "t1ce", "t2",
+                                                                                                  "flair"]  # fmt: skip
+    assert all(group["n"] == 2 for group in results["per_pattern"].values())
+    assert {"dice_whole_tumour", "dice_tumour_core", "dice_enhancing_tumour"} <= set(results["per_case"][0])
+    assert len(list(Path(results["predictions"]).glob("*__t1ce+flair_seg.nii.gz"))) == 2
+    assert "BraTS regions" in capsys.readouterr().out
+    assert eval_main(["--data", str(data), "--model", str(bundle), "--patterns", "flair+t1"]) == 3
+    assert "not subsets" in capsys.readouterr().err
+    assert eval_main(["--data", str(data), "--model", str(converted_bundle)]) == 3
+    assert "no MoME+ model" in capsys.readouterr().err
