@@ -178,7 +178,7 @@ def evaluate(workdir: Path, cfg: dict, test: Path, wanted: list[str] | None = No
     inferer = ProfileInferer(profile="fast", roi_size=parser_patch)
     normalize = NormalizeIntensity(nonzero=False, channel_wise=True)
     loader, label_loader = LoadModalitiesd("image", 4), LoadImage(image_only=True)
-    cases = json.loads((test / "dataset.json").read_text())["training"]
+    cases = json.loads((test / "dataset.json").read_text())["training"][: cfg["test_subjects"]]
     rows = []
     for entry in cases:
         data = loader({"image": [str(test / f) for f in entry["image"]], "case": entry["case"]})
