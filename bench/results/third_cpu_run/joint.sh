@@ -1,6 +1,5 @@
 #!/bin/bash
 # Joint MoME stage of the third run (resumable: re-run this script).
-# Record copy: run it from a work folder beside bundle/ (e.g. .train3/joint.sh), like lanes.sh.
 set -e
 cd "$(dirname "$0")/../bundle"
 W=$(cd ../.train3 && pwd)
