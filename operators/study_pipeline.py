@@ -241,11 +241,13 @@ def _segment_plus(work: StudyWork, group: dict[str, SeriesTask], plus_segmenter:
     ref_task.segmentation = plus_segmenter.segment_channels(channels, reference, say)
     ref_task.seconds.update(ref_task.segmentation.seconds)
     ref_task.plus_sources = [t for m, t in loaded.items() if m != reference]
+    excluded = getattr(ref_task.segmentation, "excluded", {}) or {}
     for task in ref_task.plus_sources:
         task.plus_reference = ref_task.header.series_uid
+        key = "excluded_from_mome_plus" if task.modality in excluded else "used_in_mome_plus"
         work.entries[task.header.series_uid] = {
             "modality": task.modality,
-            "used_in_mome_plus": ref_task.header.series_uid,
+            key: ref_task.header.series_uid,
             "coregistration": ref_task.segmentation.coregistration[task.modality].to_dict(),
         }
 
@@ -322,7 +324,8 @@ def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) 
     result, labels = task.segmentation, task.segmentation.labels
     segments = segments_for(_channel_def_of(task))
     seg = build_seg(task.volume, labels, name, version, segments=segments)
-    add_referenced_series(seg, [source.volume.instances for source in task.plus_sources])
+    used = [source for source in task.plus_sources if source.modality not in (getattr(result, "excluded", {}) or {})]
+    add_referenced_series(seg, [source.volume.instances for source in used])
     path = study_dir / f"seg_{task.volume.series_uid}.dcm"
     seg.save_as(path)
     voxel_ml = _voxel_ml(task.volume)
@@ -338,10 +341,11 @@ def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) 
         "mode": "mome_plus",
         "modalities_available": [m for m, present in result.availability.items() if present],
         "modalities_missing": [m for m, present in result.availability.items() if not present],
+        "modalities_excluded": dict(getattr(result, "excluded", {}) or {}),
         "reference_modality": result.reference,
         "contributing_series": {
             task.modality: task.header.series_uid,
-            **{s.modality: s.header.series_uid for s in task.plus_sources},
+            **{s.modality: s.header.series_uid for s in used},
         },
         "region_volume_ml": regions,
         "coregistration": coregistration,

@@ -193,6 +193,7 @@ class PlusSegmentation(NativeSegmentation):
     reference: str = ""
     availability: Dict[str, bool] = field(default_factory=dict)
     channel_def: Dict[str, str] = field(default_factory=dict)  # label value -> class name
+    excluded: Dict[str, str] = field(default_factory=dict)  # modality -> why it was left out (misaligned)
     coregistration: Dict[str, CoRegistration] = field(default_factory=dict)
 
 
@@ -202,7 +203,9 @@ class MoMEPlusSegmenter(MoMESegmenter):
     The series given (any non-empty subset of the model's modalities, e.g. T1, T1ce, T2, FLAIR) are aligned with
     the reference series (same frame of reference: their affines already agree; otherwise rigid registration),
     the reference is registered to the template, every series is resampled once, directly from its own grid, into
-    MoME space, MoME+ runs with the availability vector, and the labels are mapped back onto the reference grid.
+    MoME space, MoME+ runs with the availability vector, and the labels are mapped back onto the reference grid. A
+    series whose similarity to the reference stays low after alignment (a co-registration warning) is left out, as
+    if missing, rather than feeding misaligned anatomy to the network; the result records why.
     """
 
     CONFIG = "inference_plus.json"
@@ -254,6 +257,10 @@ class MoMEPlusSegmenter(MoMESegmenter):
                 channel.array, channel.affine, ref.array, ref.affine, same, self.registration_settings
             )
         seconds["coregistration"] = time.perf_counter() - started
+        excluded = {m: "; ".join(c.warnings) for m, c in aligned.items() if c.warnings}
+        for modality, reason in excluded.items():
+            say(f"leaving {modality} out of MoME+: {reason}")
+        channels = {m: c for m, c in channels.items() if m not in excluded}
 
         started = time.perf_counter()
         mome_channels, mome_affine = self._mome_channels(channels, aligned, registration.native_to_template)
@@ -282,6 +289,7 @@ class MoMEPlusSegmenter(MoMESegmenter):
             reference=reference,
             availability={m: m in channels for m in self.modalities},
             channel_def=dict(self.channel_def),
+            excluded=excluded,
             coregistration=aligned,
         )
 

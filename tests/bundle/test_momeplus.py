@@ -481,3 +481,24 @@ def test_zero_filled_unet_baseline_trains_with_the_same_modality_dropout(tmp_pat
     history = trainer.run()
     assert isinstance(trainer.sampler, PlusPatchSampler)
     assert set(history[-1]["val_dice"]) == {"t1+t1ce+t2+flair", "t1", "t1ce", "t2", "flair", "mean"}
+
+
+def test_a_misaligned_series_is_left_out_not_fed_to_the_network(tmp_path):
+    """FLAIR claims the reference's frame of reference but the head moved (e.g. a wrong header): low similarity after
+    the identity alignment, so MoME+ runs without it and says why."""
+    from scripts.pipeline import MoMEPlusSegmenter, PlusChannel
+    from scripts.synthetic import generate_subject, render
+
+    bundle = _bundle_with_tiny_plus(tmp_path)
+    rng = np.random.default_rng([7, 1])
+    subject = generate_subject(rng, 2.0, {"glioma": 1.0})
+    moved = _rigid(10.0, (15.0, 10.0, -8.0))
+    channels = {
+        "t1ce": PlusChannel(render(subject, "t1ce", rng), subject.affine, "1.2.3", "AX T1 POST"),
+        "flair": PlusChannel(render(subject, "flair", rng), moved @ subject.affine, "1.2.3", "AX FLAIR"),
+    }
+    result = MoMEPlusSegmenter(bundle, device="cpu").segment_channels(channels, reference="t1ce")
+    assert result.coregistration["flair"].method == "frame of reference" and result.coregistration["flair"].warnings
+    assert "low similarity" in result.excluded["flair"]
+    assert result.availability == {"t1": False, "t1ce": True, "t2": False, "flair": False}
+    assert not result.mome_image[3].any(), "the excluded FLAIR never reaches the network"
