@@ -222,17 +222,26 @@ def run_inference(
     bundle: Path, cases: Sequence[Case], data_dir: Path, out_dir: Path, device: str | None, profile: str | None = None
 ) -> None:
     """Runs the bundle's ``configs/inference.json`` on the cases' images, writing ``<stem>_seg.nii.gz`` to out_dir."""
+    datalist = [{"image": str(case.image)} for case in cases]
+    _run_workflow(bundle, "inference.json", datalist, out_dir, device, profile, dataset_dir=str(data_dir))
+
+
+def _run_workflow(
+    bundle: Path, config: str, datalist: list[dict[str, Any]], out_dir: Path, device: str | None,
+    profile: str | None, **overrides: Any,
+) -> None:  # fmt: skip
+    """Runs ``configs/<config>`` of the bundle on ``datalist``, writing its predictions to ``out_dir``."""
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=str(bundle / "configs" / "inference.json"),
+        config_file=str(bundle / "configs" / config),
         meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type="infer",
         bundle_root=str(bundle),
         output_dir=str(out_dir),
-        dataset_dir=str(data_dir),
-        datalist=[{"image": str(case.image)} for case in cases],
+        datalist=datalist,
+        **overrides,
         **_device_override(device),
         **({"profile": profile} if profile else {}),
     )
@@ -430,22 +439,8 @@ def run_plus_inference(
     bundle: Path, items: Sequence[dict[str, Any]], out_dir: Path, device: str | None, profile: str | None = None
 ) -> None:
     """Runs the bundle's ``configs/inference_plus.json``; writes ``<case>__<pattern>_seg.nii.gz`` to ``out_dir``."""
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=str(bundle / "configs" / "inference_plus.json"),
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="infer",
-        bundle_root=str(bundle),
-        output_dir=str(out_dir),
-        datalist=[{"image": item["image"], "case": item["case"]} for item in items],
-        **_device_override(device),
-        **({"profile": profile} if profile else {}),
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    datalist = [{"image": item["image"], "case": item["case"]} for item in items]
+    _run_workflow(bundle, "inference_plus.json", datalist, out_dir, device, profile)
 
 
 def _evaluate_plus(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:

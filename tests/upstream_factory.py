@@ -130,28 +130,33 @@ def write_checkpoint_set(folder: Path, plans: dict, labels: dict, n_experts: int
         sd = random_upstream_unet(
             in_ch, out_ch, arch["features"], arch["kernels"], arch["strides"], arch["n_enc"], arch["n_dec"], gen
         )
-        checkpoint = {
-            "network_weights": sd,
-            "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "momentum": 0.99, "nesterov": True}]},
-            "grad_scaler_state": None,
-            "logging": {"mean_fg_dice": [0.1], "ema_fg_dice": [0.1]},
-            "_best_ema": np.float64(0.1),
-            "current_epoch": 1,
-            "init_args": {
-                "plans": plans,
-                "configuration": "3d_fullres",
-                "fold": "MoME",
-                "dataset_json": {"channel_names": {"0": "MRI"}, "labels": labels},
-                "unpack_dataset": True,
-                "device": torch.device("cpu"),
-            },
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-        }
+        checkpoint = _nnunet_checkpoint(sd, plans, labels)
         name = "checkpoint_best.pth" if index == 0 else f"checkpoint_best{index}.pth"
         torch.save(checkpoint, folder / name)
         weights[name] = sd
     return weights
+
+
+def _nnunet_checkpoint(weights: OrderedDict, plans: dict, labels: dict) -> dict:
+    """An nnU-Net v2 training checkpoint around ``weights``, with the keys and pickled types the authors' files have."""
+    return {
+        "network_weights": weights,
+        "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "momentum": 0.99, "nesterov": True}]},
+        "grad_scaler_state": None,
+        "logging": {"mean_fg_dice": [0.1], "ema_fg_dice": [0.1]},
+        "_best_ema": np.float64(0.1),
+        "current_epoch": 1,
+        "init_args": {
+            "plans": plans,
+            "configuration": "3d_fullres",
+            "fold": "MoME",
+            "dataset_json": {"channel_names": {"0": "MRI"}, "labels": labels},
+            "unpack_dataset": True,
+            "device": torch.device("cpu"),
+        },
+        "trainer_name": "nnUNetTrainer",
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
 
 
 def _arch(plans: dict) -> dict:
@@ -261,24 +266,7 @@ def write_momeplus_checkpoint_set(
             arch["features"], arch["kernels"], arch["strides"], arch["n_enc"], arch["n_dec"], gen,
             prior=n_modalities if gate else 0,
         )  # fmt: skip
-        checkpoint = {
-            "network_weights": sd,
-            "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "momentum": 0.99, "nesterov": True}]},
-            "grad_scaler_state": None,
-            "logging": {"mean_fg_dice": [0.1], "ema_fg_dice": [0.1]},
-            "_best_ema": np.float64(0.1),
-            "current_epoch": 1,
-            "init_args": {
-                "plans": plans,
-                "configuration": "3d_fullres",
-                "fold": "MoME",
-                "dataset_json": {"channel_names": {"0": "MRI"}, "labels": labels},
-                "unpack_dataset": True,
-                "device": torch.device("cpu"),
-            },
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-        }
+        checkpoint = _nnunet_checkpoint(sd, plans, labels)
         name = "checkpoint_best.pth" if gate else f"checkpoint_best{index}.pth"
         torch.save(checkpoint, folder / name)
         weights[name] = sd

@@ -220,20 +220,39 @@ def _template_grid(spacing: float, contrast: str = "t1") -> Tuple[np.ndarray, np
 @lru_cache(maxsize=4)
 def _fixed(spacing: float, dilation_mm: float, contrast: str):
     """Cached ITK fixed image, its metric mask and the numpy arrays behind them."""
-    itk = _itk()
     t1, mask, affine = _template_grid(spacing, contrast)
     voxel = float(np.linalg.norm(affine[:3, 0]))
     radius = max(1, int(round(dilation_mm / voxel)))
     dilated = torch.nn.functional.max_pool3d(
         torch.from_numpy(mask)[None, None], kernel_size=2 * radius + 1, stride=1, padding=radius
     )[0, 0].numpy()
-    mask_image = itk.image_from_array(np.ascontiguousarray(dilated.T.astype(np.uint8)))
     reference = _itk_image(t1, affine)
+    return reference, _spatial_mask(dilated, reference), t1, mask, affine
+
+
+def _spatial_mask(mask: np.ndarray, reference):
+    """An ITK metric mask from a numpy (X, Y, Z) mask on ``reference``'s grid."""
+    itk = _itk()
+    mask_image = itk.image_from_array(np.ascontiguousarray(mask.T.astype(np.uint8)))
     mask_image.CopyInformation(reference)
     spatial_mask = itk.ImageMaskSpatialObject[3].New()
     spatial_mask.SetImage(mask_image)
     spatial_mask.Update()
-    return reference, spatial_mask, t1, mask, affine
+    return spatial_mask
+
+
+def _moments_rigid(fixed, moving):
+    """A versor rigid transform initialised by aligning the images' centres of mass."""
+    itk = _itk()
+    image_type = type(fixed)
+    rigid = itk.VersorRigid3DTransform[itk.D].New()
+    initializer = itk.CenteredTransformInitializer[type(rigid), image_type, image_type].New()
+    initializer.SetTransform(rigid)
+    initializer.SetFixedImage(fixed)
+    initializer.SetMovingImage(moving)
+    initializer.MomentsOn()
+    initializer.InitializeTransform()
+    return rigid
 
 
 def _run_stage(fixed, moving, spatial_mask, transform, iterations: int, settings: RegistrationSettings) -> float:
@@ -342,15 +361,7 @@ def register_to_template(
     fixed, spatial_mask, *_ = _fixed(settings.spacing, settings.mask_dilation_mm, contrast)
     small, small_affine = _block_average(np.asarray(array, np.float32), np.asarray(affine, float), settings.spacing)
     moving = _itk_image(small, small_affine)
-    image_type = type(fixed)
-
-    rigid = itk.VersorRigid3DTransform[itk.D].New()
-    initializer = itk.CenteredTransformInitializer[type(rigid), image_type, image_type].New()
-    initializer.SetTransform(rigid)
-    initializer.SetFixedImage(fixed)
-    initializer.SetMovingImage(moving)
-    initializer.MomentsOn()
-    initializer.InitializeTransform()
+    rigid = _moments_rigid(fixed, moving)
     _run_stage(fixed, moving, spatial_mask, rigid, settings.rigid_iterations, settings)
 
     full = itk.AffineTransform[itk.D, 3].New()
@@ -442,22 +453,10 @@ def coregister(
 
 def _rigid(moving, moving_affine, reference, reference_affine, settings: RegistrationSettings) -> np.ndarray:
     """Rigid moving -> reference transform (RAS mm), by ITK's versor rigid registration with Mattes MI."""
-    itk = _itk()
     fixed_array, fixed_affine = _block_average(np.asarray(reference, np.float32), reference_affine, settings.spacing)
     small, small_affine = _block_average(np.asarray(moving, np.float32), moving_affine, settings.spacing)
     fixed, moving_image = _itk_image(fixed_array, fixed_affine), _itk_image(small, small_affine)
-    mask_image = itk.image_from_array(np.ascontiguousarray(_head_mask(fixed_array).T.astype(np.uint8)))
-    mask_image.CopyInformation(fixed)
-    spatial_mask = itk.ImageMaskSpatialObject[3].New()
-    spatial_mask.SetImage(mask_image)
-    spatial_mask.Update()
-    image_type = type(fixed)
-    rigid = itk.VersorRigid3DTransform[itk.D].New()
-    initializer = itk.CenteredTransformInitializer[type(rigid), image_type, image_type].New()
-    initializer.SetTransform(rigid)
-    initializer.SetFixedImage(fixed)
-    initializer.SetMovingImage(moving_image)
-    initializer.MomentsOn()
-    initializer.InitializeTransform()
+    spatial_mask = _spatial_mask(_head_mask(fixed_array), fixed)
+    rigid = _moments_rigid(fixed, moving_image)
     _run_stage(fixed, moving_image, spatial_mask, rigid, settings.rigid_iterations, settings)
     return np.linalg.inv(_to_matrix(rigid))  # ITK maps reference (fixed) points to moving points
