@@ -36,7 +36,8 @@ def demo_bundle(workdir: Path) -> tuple[Path, str]:
     """The bundle to run and a note on its weights."""
     bundle = default_bundle_dir()
     if (bundle / "models" / "model.pt").is_file():
-        return bundle, "the bundle's synthetic-data demo weights"
+        plus = " (MoME and MoME+)" if (bundle / "models" / "model_plus.pt").is_file() else ""
+        return bundle, f"the bundle's synthetic-data demo weights{plus}"
     converted = workdir / "bundle"
     if not (converted / "models" / "model.pt").is_file():
         command = [sys.executable, "-m", "app.cli_convert", str(UPSTREAM_FIXTURE), "--out", str(converted), "--force"]
@@ -66,7 +67,13 @@ def summary_table(report: dict[str, Any], study: dict[str, Any], workdir: Path, 
         routed = decision["modality"] or "-"
         why = decision["rule"] if decision["modality"] else decision["reason"]
         volume = count = dice = ""
+        if "used_in_mome_plus" in entry or "excluded_from_mome_plus" in entry:
+            reference = entry.get("used_in_mome_plus") or entry["excluded_from_mome_plus"]
+            verb = "MoME+ input of" if "used_in_mome_plus" in entry else "left out of MoME+ on"
+            why = f"{verb} #{_series_number(report, reference)}"
         if "seg" in entry:
+            if entry.get("mode") == "mome_plus":
+                why = "MoME+ " + "+".join(entry["modalities_available"])
             volume, count = f"{entry['lesion_volume_ml']:.1f}", str(entry["lesion_count"])
             modality, label = truth[decision["series_uid"]]
             folder = next((workdir / "study" / "dicom").glob(f"*_{modality}"))
@@ -77,6 +84,10 @@ def summary_table(report: dict[str, Any], study: dict[str, Any], workdir: Path, 
             f"{volume:>9} {count:>3} {dice:>5}"
         )
     return "\n".join(rows)
+
+
+def _series_number(report: dict[str, Any], series_uid: str) -> int | None:
+    return next((d["series_number"] for d in report["series"] if d["series_uid"] == series_uid), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3/3] the application took {time.perf_counter() - started:.0f} s\n")
     (report,) = options.outcome
     print(summary_table(report, study, workdir, output))
+    if "mome_plus" in report["summary"]:
+        plus = report["summary"]["mome_plus"]
+        regions = ", ".join(f"{name} {ml:.1f} mL" for name, ml in plus["region_volume_ml"].items())
+        print(f"\nMoME+ (one SEG on the {plus['reference_modality']} series; Dice above = whole tumour): {regions}")
     print(f"\nOutputs: {output / report['study_instance_uid']}  (DICOM-SEG and SR per series, qc_*.png, report.json)")
     print(f"Weights: {weights}. Synthetic-data demo; not for clinical use.")
     return 0

@@ -79,20 +79,31 @@ class MoMELoss(nn.Module):
         curriculum_exponent: ``p`` of the curriculum (2 in the authors' current code, 3 in the MICCAI-era code).
         expert_reduction: ``"sum"`` adds the per-sample expert losses over the batch as the authors do (so ``L1``
             scales with the batch size); ``"mean"`` averages them over the samples that have a known modality.
+        routing_weight: weight ``lambda`` of an optional gate routing prior (our extension; 0, the default, is the
+            authors' loss): ``lambda * sum_i w_i * mean(W_i[b, k != m_b]^2)``, the deep-supervision-weighted mean
+            square of the gate weights the gate gives to the experts that do not match each sample's modality
+            (see :func:`gate_routing_penalty`). It teaches the gate to recognise the contrast from the image, which
+            short CPU schedules otherwise do not: the demo's gate gave T2 and FLAIR inputs the same weights.
 
-    Call with the training output of :class:`scripts.networks.MoME` (``fused``, ``experts``), the target
-    ``(B, 1, ...)``, the per-sample expert index ``(B,)`` (``-1`` = unknown modality: the sample then contributes to
-    the fused loss only) and the progress ``r``. Returns a dict with ``loss``, ``fused``, ``expert`` and ``weight``
-    (the curriculum weight of the expert loss).
+    Call with the training output of :class:`scripts.networks.MoME` (``fused``, ``experts``, ``weights``), the
+    target ``(B, 1, ...)``, the per-sample expert index ``(B,)`` (``-1`` = unknown modality: the sample then
+    contributes to the fused loss only) and the progress ``r``. Returns a dict with ``loss``, ``fused``, ``expert``
+    and ``weight`` (the curriculum weight of the expert loss), and ``routing`` when ``routing_weight > 0``.
     """
 
-    def __init__(self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum") -> None:
+    def __init__(
+        self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum", routing_weight: float = 0.0
+    ) -> None:
         super().__init__()
         if expert_reduction not in ("sum", "mean"):
             raise ValueError(f"expert_reduction must be 'sum' or 'mean', got {expert_reduction!r}.")
+        if routing_weight < 0:
+            raise ValueError(f"routing_weight must be >= 0, got {routing_weight}.")
         self.deep_supervision = nnunet_deep_supervision_loss(levels)
+        self.level_weights = deep_supervision_weights(levels)
         self.curriculum_exponent = curriculum_exponent
         self.expert_reduction = expert_reduction
+        self.routing_weight = float(routing_weight)
 
     def expert_loss(
         self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, expert_index: torch.Tensor
@@ -117,7 +128,42 @@ class MoMELoss(nn.Module):
         fused = self.deep_supervision(outputs["fused"], target)
         expert = self.expert_loss(outputs["experts"], target, expert_index)
         loss = weight * expert + (1.0 - weight) * fused
-        return {"loss": loss, "fused": fused.detach(), "expert": expert.detach(), "weight": torch.tensor(weight)}
+        terms = {"fused": fused.detach(), "expert": expert.detach(), "weight": torch.tensor(weight)}
+        if self.routing_weight > 0:
+            experts = len(outputs["experts"])
+            routing = gate_routing_penalty(outputs["weights"], expert_index, experts, self.level_weights)
+            loss = loss + self.routing_weight * routing
+            terms["routing"] = routing.detach()
+        return {"loss": loss, **terms}
+
+
+def gate_routing_penalty(
+    weights: Sequence[torch.Tensor], expert_index: torch.Tensor, num_experts: int, level_weights: Sequence[float]
+) -> torch.Tensor:
+    """Mean square of the gate weights on experts that do not match each sample's modality, over levels.
+
+    Args:
+        weights: the gate's per-level maps ``(B, K * C, ...)``, high -> low resolution.
+        expert_index: ``(B,)`` matching expert per sample; ``-1`` (unknown modality) samples are skipped.
+        num_experts: ``K``.
+        level_weights: deep-supervision weight of each level (levels with weight 0 are skipped).
+
+    Returns:
+        ``sum_i level_weights[i] * mean_b mean_{k != m_b, c, voxels} W_i[b, k, c]^2`` (0 when no sample is known).
+    """
+    known = [b for b, k in enumerate(expert_index.tolist()) if k != UNKNOWN_MODALITY]
+    total = weights[0].new_zeros((), dtype=torch.float32)
+    if not known or num_experts < 2:
+        return total
+    rows = torch.tensor(known, device=weights[0].device)
+    off = torch.ones(len(known), num_experts, dtype=torch.bool, device=weights[0].device)
+    off[torch.arange(len(known)), expert_index.to(weights[0].device)[rows]] = False
+    for level, factor in zip(weights, level_weights):
+        if factor == 0:
+            continue
+        per_expert = level[rows].float().unflatten(1, (num_experts, -1)).pow(2).flatten(2).mean(2)  # (b, K)
+        total = total + factor * per_expert[off].mean()
+    return total
 
 
 class MoMEPlusLoss(nn.Module):

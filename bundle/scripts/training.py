@@ -311,6 +311,8 @@ class Trainer:
             authors' recipe. Why: the gate's weights are raw, not softmax-normalised, so at initialisation the fused
             output is a random signed mix of expert logits (pseudo-Dice 0.02 with five trained experts), and the
             curriculum gives the fused loss almost no weight while ``r`` is small; short CPU schedules never recover.
+        gate_routing_weight: MoME only. Weight of the gate routing prior of :class:`scripts.losses.MoMELoss` (our
+            extension; 0, the default, is the authors' loss).
     """
 
     def __init__(
@@ -344,6 +346,7 @@ class Trainer:
         curriculum: bool = True,
         val_patterns: Sequence[Sequence[int]] | None = None,
         modality_dropout: bool = False,
+        gate_routing_weight: float = 0.0,
     ) -> None:
         if clip_scope not in ("all", "gate"):
             raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
@@ -370,7 +373,8 @@ class Trainer:
         if self.is_plus:
             self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum)
         else:
-            self.loss = MoMELoss(levels, curriculum_exponent, expert_reduction) if self.is_mome else None
+            mome_loss = MoMELoss(levels, curriculum_exponent, expert_reduction, gate_routing_weight)
+            self.loss = mome_loss if self.is_mome else None
         self.single_loss = None if self.is_mome else nnunet_deep_supervision_loss(levels)
         self.output_dir = Path(output_dir)
         self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
@@ -589,6 +593,8 @@ def _format(record: Dict[str, object], epochs: int) -> str:
     parts.append(f"loss={record.get('loss', math.nan):.4f}")
     if "expert" in record:
         parts.append(f"(expert {record['expert']:.4f} x{record['weight']:.3f}, fused {record['fused']:.4f})")
+    if "routing" in record:
+        parts.append(f"gate routing {record['routing']:.4f}")
     dice = record.get("val_dice") or {}
     if dice:
         parts.append("val Dice " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))

@@ -93,3 +93,38 @@ def test_expert_reduction_sum_scales_with_batch_and_mean_does_not():
     assert float(summed) == pytest.approx(2 * float(mean), rel=1e-6)
     with pytest.raises(ValueError):
         MoMELoss(3, expert_reduction="max")
+
+
+def test_gate_routing_penalty_is_the_mean_square_of_off_modality_weights():
+    from scripts.losses import gate_routing_penalty
+
+    num_experts, classes, levels = 3, 2, 3
+    weights = []
+    for i in range(levels):
+        level = torch.zeros(2, num_experts * classes, *(8 // 2**i,) * 3)
+        for k in range(num_experts):
+            level[:, classes * k : classes * (k + 1)] = k + 1.0  # expert k weighted by k + 1 everywhere
+        weights.append(level)
+    level_weights = deep_supervision_weights(levels)
+    # sample 0 matches expert 1 (off: weights 1 and 3 -> mean square 5); sample 1 is of unknown modality (skipped)
+    penalty = gate_routing_penalty(weights, torch.tensor([1, -1]), num_experts, level_weights)
+    assert float(penalty) == pytest.approx(5.0 * sum(level_weights))
+    routed = [w.clone() for w in weights]
+    for level in routed:
+        level[0, :2], level[0, 4:] = 0.0, 0.0  # only the matching expert weighted
+    assert float(gate_routing_penalty(routed, torch.tensor([1, -1]), num_experts, level_weights)) == 0.0
+    assert float(gate_routing_penalty(weights, torch.tensor([-1, -1]), num_experts, level_weights)) == 0.0
+
+
+def test_routing_weight_adds_the_penalty_and_zero_is_the_authors_loss():
+    outputs = _outputs()
+    generator = torch.Generator().manual_seed(1)
+    outputs["weights"] = [torch.randn(2, 6, *(8 // 2**i,) * 3, generator=generator) for i in range(3)]
+    target = (torch.rand(2, 1, 8, 8, 8, generator=generator) > 0.7).float()
+    experts = torch.tensor([0, 2])
+    plain = MoMELoss(3, 2.0)(outputs, target, experts, 0.5)
+    routed = MoMELoss(3, 2.0, routing_weight=0.1)(outputs, target, experts, 0.5)
+    assert "routing" not in plain and float(routed["routing"]) > 0
+    assert float(routed["loss"]) == pytest.approx(float(plain["loss"]) + 0.1 * float(routed["routing"]), rel=1e-5)
+    with pytest.raises(ValueError, match="routing_weight"):
+        MoMELoss(3, routing_weight=-1.0)

@@ -234,3 +234,12 @@ def test_gate_warmup_trains_only_the_gate_then_runs_the_curriculum(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(experts_before, network.experts.parameters()))
     with pytest.raises(ValueError, match="gate_warmup_epochs"):
         _trainer(tmp_path / "unet", build_unet(1, 2, **TOPOLOGY), _cases(), gate_warmup_epochs=1)
+
+
+def test_gate_routing_prior_teaches_the_gate_to_silence_off_modality_experts(tmp_path):
+    trainer = _trainer(
+        tmp_path, _mome(5), _cases(), epochs=6, iterations_per_epoch=4, augmentation=None, gate_routing_weight=1.0
+    )
+    history = trainer.run()
+    assert history[-1]["routing"] < 0.5 * history[0]["routing"], [h["routing"] for h in history]
+    assert "routing" not in _trainer(tmp_path / "plain", _mome(5), _cases(), epochs=1).run()[0]
