@@ -141,6 +141,8 @@ def _adapt_inference_config(config: dict[str, Any], spec: ArchitectureSpec, moda
             "normalize_nonzero": spec.use_mask_for_norm,
         }
     )
+    if "modality_classifier" in config:  # our extension; the authors' MoME has none
+        config["modality_classifier"] = False
 
 
 def _adapt_metadata(meta: dict[str, Any], upstream: UpstreamMoME, src: Path, divisor: Sequence[int]) -> None:

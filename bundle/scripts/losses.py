@@ -84,15 +84,24 @@ class MoMELoss(nn.Module):
             square of the gate weights the gate gives to the experts that do not match each sample's modality
             (see :func:`gate_routing_penalty`). It teaches the gate to recognise the contrast from the image, which
             short CPU schedules otherwise do not: the demo's gate gave T2 and FLAIR inputs the same weights.
+        modality_weight: weight of the cross-entropy of MoME's optional modality classifier
+            (``MoME(modality_classifier=True)``, whose training output has ``modality_logits``) against each
+            sample's modality; unknown-modality samples are skipped. Ignored without a classifier.
 
     Call with the training output of :class:`scripts.networks.MoME` (``fused``, ``experts``, ``weights``), the
     target ``(B, 1, ...)``, the per-sample expert index ``(B,)`` (``-1`` = unknown modality: the sample then
     contributes to the fused loss only) and the progress ``r``. Returns a dict with ``loss``, ``fused``, ``expert``
-    and ``weight`` (the curriculum weight of the expert loss), and ``routing`` when ``routing_weight > 0``.
+    and ``weight`` (the curriculum weight of the expert loss), ``routing`` when ``routing_weight > 0`` and
+    ``modality`` (the classifier's cross-entropy) with a modality classifier.
     """
 
     def __init__(
-        self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum", routing_weight: float = 0.0
+        self,
+        levels: int,
+        curriculum_exponent: float = 2.0,
+        expert_reduction: str = "sum",
+        routing_weight: float = 0.0,
+        modality_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if expert_reduction not in ("sum", "mean"):
@@ -104,6 +113,7 @@ class MoMELoss(nn.Module):
         self.curriculum_exponent = curriculum_exponent
         self.expert_reduction = expert_reduction
         self.routing_weight = float(routing_weight)
+        self.modality_weight = float(modality_weight)
 
     def expert_loss(
         self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, expert_index: torch.Tensor
@@ -134,6 +144,12 @@ class MoMELoss(nn.Module):
             routing = gate_routing_penalty(outputs["weights"], expert_index, experts, self.level_weights)
             loss = loss + self.routing_weight * routing
             terms["routing"] = routing.detach()
+        if "modality_logits" in outputs:
+            known = expert_index.to(outputs["modality_logits"].device) != UNKNOWN_MODALITY
+            logits = outputs["modality_logits"][known].float()
+            modality = nn.functional.cross_entropy(logits, expert_index.to(logits.device)[known]) if len(logits) else 0
+            loss = loss + self.modality_weight * modality
+            terms["modality"] = torch.as_tensor(modality).detach()
         return {"loss": loss, **terms}
 
 

@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvNormAct", "DispatchMLP", "MoME", "MoMEPlus", "PlainConvUNet", "constrain_dispatch", "he_init"]
+__all__ = [
+    "ConvNormAct",
+    "DispatchMLP",
+    "ModalityClassifier",
+    "MoME",
+    "MoMEPlus",
+    "PlainConvUNet",
+    "constrain_dispatch",
+    "he_init",
+]
 
 KernelLike = int | Sequence[int]
 
@@ -251,6 +260,40 @@ def _check_unet_args(
         raise ValueError("every stage needs at least one convolution.")
 
 
+class ModalityClassifier(nn.Module):
+    """Which expert's modality an image (tile) is: strided ConvNormAct stages, global mean and max pooling, linear.
+
+    Our extension for MoME (``MoME(modality_classifier=True)``), not in the authors' code: the class probabilities
+    reach the gate as a prior at its bottleneck, the way MoME+ feeds its availability vector.
+
+    Args:
+        in_channels: image channels.
+        num_modalities: classes (the experts' modalities).
+        width: channels of the first stage (doubled per stage).
+        stages: stride-2 stages (``2``: a 48^3 tile is seen at 12^3 before pooling).
+
+    Shapes:
+        ``(B, in_channels, D, H, W)`` -> logits ``(B, num_modalities)``.
+    """
+
+    def __init__(self, in_channels: int, num_modalities: int, width: int = 8, stages: int = 2) -> None:
+        super().__init__()
+        blocks, channels = [], in_channels
+        for stage in range(stages):
+            blocks.append(ConvNormAct(channels, width * 2**stage, 3, 2))
+            channels = width * 2**stage
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(2 * channels, num_modalities)
+        self.apply(he_init)
+        nn.init.zeros_(self.head.weight)  # uniform probabilities at the start: a neutral prior
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Max next to mean pooling: the mean of instance-normalised activations hardly depends on the input.
+        features = self.features(x).flatten(2)
+        return self.head(torch.cat([features.mean(dim=2), features.amax(dim=2)], dim=1))
+
+
 class MoME(nn.Module):
     """Mixture of Modality Experts (MoME, MICCAI 2024).
 
@@ -268,11 +311,17 @@ class MoME(nn.Module):
         gate_prior_channels: prior vector width at the gate bottleneck (MoME+); 0 for MoME.
         gate_image_channels: image channels the gate sees next to the expert features; defaults to
             ``in_channels`` (MoME); MoME+ passes its ``M`` dispatched channels.
+        modality_classifier: our extension, off by default (the authors' MoME): a :class:`ModalityClassifier` on the
+            image whose softmax probabilities over the ``K`` expert modalities are appended to the gate's bottleneck
+            prior. It makes the gate modality-aware without telling the network the modality at inference; training
+            supervises it with the dataset's modality (``MoMELoss`` ``modality_weight``). Why: the demo's gate gave
+            T1, T2, FLAIR and DWI tiles the same weights (``bench/results/gate_routing_prior``).
 
     Shapes:
         eval: ``(B, in_channels, D, H, W)`` -> fused logits ``(B, C, D, H, W)``.
         train: a dict with ``fused`` (list of per-level fused logits, high -> low resolution), ``experts``
-        (``K`` lists of per-level expert logits) and ``weights`` (list of per-level gate maps ``(B, K*C, ...)``).
+        (``K`` lists of per-level expert logits) and ``weights`` (list of per-level gate maps ``(B, K*C, ...)``),
+        plus ``modality_logits`` ``(B, K)`` with the modality classifier.
     """
 
     __jit_unused_properties__ = ["size_divisor"]
@@ -289,6 +338,7 @@ class MoME(nn.Module):
         n_conv_per_stage_decoder: Sequence[int],
         gate_prior_channels: int = 0,
         gate_image_channels: int | None = None,
+        modality_classifier: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1 or num_classes < 1:
@@ -306,9 +356,11 @@ class MoME(nn.Module):
         self.experts = nn.ModuleList([PlainConvUNet(in_channels, num_classes, **topology) for _ in range(num_experts)])
         self.gate_image_channels = in_channels if gate_image_channels is None else int(gate_image_channels)
         gate_in = self.gate_image_channels + num_experts * int(features_per_stage[0])
-        self.gate = PlainConvUNet(
-            gate_in, num_experts * num_classes, prior_channels=gate_prior_channels, **topology
-        )  # fmt: skip
+        self.classifier = (
+            ModalityClassifier(in_channels, num_experts, int(features_per_stage[0])) if modality_classifier else None
+        )
+        prior_channels = int(gate_prior_channels) + (num_experts if modality_classifier else 0)
+        self.gate = PlainConvUNet(gate_in, num_experts * num_classes, prior_channels=prior_channels, **topology)
 
     @property
     def size_divisor(self) -> Tuple[int, int, int]:
@@ -323,11 +375,22 @@ class MoME(nn.Module):
             fused = fused + expert_logits[k] * weights[:, c * k : c * (k + 1)]
         return fused
 
+    def _gate_prior(
+        self, x: torch.Tensor, prior: torch.Tensor | None
+    ) -> Tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gate's bottleneck prior (``prior``, then the classifier's probabilities) and the classifier logits."""
+        if self.classifier is None:
+            return prior, None
+        logits = self.classifier(x)
+        probabilities = torch.softmax(logits.float(), dim=1).to(x.dtype)
+        return (probabilities if prior is None else torch.cat([prior, probabilities], dim=1)), logits
+
     def _run(
         self, x: torch.Tensor, prior: torch.Tensor | None, all_levels: bool
     ) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
         """Expert logits per expert and level, and gate weights per level (every expert sees ``x``)."""
-        return self._run_mixture(x, [x for _ in range(self.num_experts)], prior, all_levels)
+        gate_prior = self._gate_prior(x, prior)[0]
+        return self._run_mixture(x, [x for _ in range(self.num_experts)], gate_prior, all_levels)
 
     def _run_mixture(
         self, gate_image: torch.Tensor, expert_inputs: List[torch.Tensor], prior: torch.Tensor | None, all_levels: bool
@@ -368,6 +431,7 @@ class MoME(nn.Module):
         at MoME's 1 mm release size this saves the 161-channel tensor (1.35 GB per 128^3 tile in float32).
         ``x`` is the gate's image input; expert ``k`` sees ``expert_inputs[k]`` (default ``x``, as in MoME).
         """
+        prior = self._gate_prior(x, prior)[0]
         block = self.gate.encoder[0][0]
         conv = block.conv
         width = self.experts[0].features_per_stage[0]
@@ -390,9 +454,13 @@ class MoME(nn.Module):
     @torch.jit.unused
     def forward_train(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> Dict[str, list]:
         """Everything a deep-supervised MoME loss needs: fused, per-expert and gate outputs at every level."""
-        expert_logits, weights = self._run(x, prior, True)
+        prior, modality_logits = self._gate_prior(x, prior)
+        expert_logits, weights = self._run_mixture(x, [x for _ in range(self.num_experts)], prior, True)
         fused = [self.fuse([levels[i] for levels in expert_logits], w) for i, w in enumerate(weights)]
-        return {"fused": fused, "experts": expert_logits, "weights": weights}
+        outputs: Dict[str, list] = {"fused": fused, "experts": expert_logits, "weights": weights}
+        if modality_logits is not None:
+            outputs["modality_logits"] = modality_logits  # type: ignore[assignment]
+        return outputs
 
 
 def constrain_dispatch(raw: torch.Tensor, availability: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

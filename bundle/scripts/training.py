@@ -141,6 +141,35 @@ def load_experts(network: MoME, checkpoints: Sequence[str], reinit_heads: bool =
     return network
 
 
+def load_extending(network: MoME, path: str) -> MoME:
+    """Loads a MoME state dict saved without the modality classifier into ``network`` that has one.
+
+    The classifier keeps its initialisation and the gate's first upsampling convolution, which takes the bottleneck
+    plus the prior, gets the saved weights for the bottleneck channels and zeros for the new prior channels, so the
+    loaded network computes exactly what the saved one did until training moves them. Any other difference is an
+    error.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = network.state_dict()
+    for key, value in state.items():
+        if key not in saved:
+            if not key.startswith("classifier."):
+                raise KeyError(f"{path}: no {key!r} in the checkpoint.")
+            continue
+        old = saved[key]
+        if old.shape == value.shape:
+            state[key] = old
+        elif key == "gate.upsample.0.weight" and old.shape[1:] == value.shape[1:] and old.shape[0] < value.shape[0]:
+            state[key] = torch.cat([old, old.new_zeros((value.shape[0] - old.shape[0], *old.shape[1:]))])
+        else:
+            raise ValueError(f"{path}: {key!r} has shape {tuple(old.shape)}, the network {tuple(value.shape)}.")
+    unexpected = sorted(set(saved) - set(state))
+    if unexpected:
+        raise KeyError(f"{path}: unexpected keys {unexpected[:3]}.")
+    network.load_state_dict(state, strict=True)
+    return network
+
+
 class PatchSampler:
     """Draws training batches from cached cases; randomness is a function of ``(seed, iteration, sample)``.
 
@@ -441,9 +470,10 @@ class Trainer:
     def _nets(self) -> List[nn.Module]:
         if not self.is_mome:
             return [self.network]
+        classifier = [self.network.classifier] if self.network.classifier is not None else []
         if self.clip_scope == "gate":
-            return [self.network.gate]
-        extra = [self.network.dispatch] if self.is_plus else []
+            return [self.network.gate, *classifier]
+        extra = ([self.network.dispatch] if self.is_plus else []) + classifier
         return [*self.network.experts, self.network.gate, *extra]
 
     def train_step(self, batch: Dict[str, torch.Tensor], r: float) -> Dict[str, float]:
@@ -595,6 +625,8 @@ def _format(record: Dict[str, object], epochs: int) -> str:
         parts.append(f"(expert {record['expert']:.4f} x{record['weight']:.3f}, fused {record['fused']:.4f})")
     if "routing" in record:
         parts.append(f"gate routing {record['routing']:.4f}")
+    if "modality" in record:
+        parts.append(f"modality CE {record['modality']:.4f}")
     dice = record.get("val_dice") or {}
     if dice:
         parts.append("val Dice " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()))

@@ -128,3 +128,16 @@ def test_routing_weight_adds_the_penalty_and_zero_is_the_authors_loss():
     assert float(routed["loss"]) == pytest.approx(float(plain["loss"]) + 0.1 * float(routed["routing"]), rel=1e-5)
     with pytest.raises(ValueError, match="routing_weight"):
         MoMELoss(3, routing_weight=-1.0)
+
+
+def test_modality_classifier_cross_entropy_skips_unknown_samples():
+    outputs = _outputs()
+    outputs["weights"] = [torch.zeros(2, 6, *(8 // 2**i,) * 3) for i in range(3)]
+    target = torch.zeros(2, 1, 8, 8, 8)
+    without = MoMELoss(3)(outputs, target, torch.tensor([2, -1]), 0.5)
+    outputs["modality_logits"] = torch.tensor([[0.0, 1.0, 2.0], [9.0, 0.0, 0.0]])
+    terms = MoMELoss(3, modality_weight=0.5)(outputs, target, torch.tensor([2, -1]), 0.5)
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([2]))
+    assert float(terms["modality"]) == pytest.approx(float(expected))
+    assert float(terms["loss"]) == pytest.approx(float(without["loss"]) + 0.5 * float(expected), rel=1e-5)
+    assert "modality" not in without

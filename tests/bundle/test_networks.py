@@ -120,3 +120,35 @@ def test_torchscript_matches_eager():
     x = torch.randn(1, 1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_modality_classifier_feeds_the_gate_prior_in_every_forward_path():
+    torch.manual_seed(5)
+    model = MoME(num_experts=3, in_channels=1, num_classes=2, modality_classifier=True, **SMALL)
+    assert model.gate.prior_channels == 3 and model.classifier is not None
+    x = torch.randn(2, 1, 4, 8, 8)
+    with torch.no_grad():
+        train = model.train()(x)
+        assert train["modality_logits"].shape == (2, 3)
+        eval_fused = model.eval()(x)
+        torch.testing.assert_close(eval_fused, train["fused"][0])
+        torch.testing.assert_close(model.forward_lean(x), eval_fused, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.jit.script(model)(x), eval_fused)
+        model.classifier.head.bias.add_(torch.tensor([5.0, -5.0, 0.0]))  # another modality: another gate output
+        assert not torch.allclose(model(x), eval_fused)
+    assert MoME(num_experts=3, in_channels=1, num_classes=2, **SMALL).classifier is None  # the authors' MoME
+
+
+def test_plain_mome_weights_load_into_a_classifier_mome_unchanged(tmp_path):
+    from scripts.training import load_extending
+
+    torch.manual_seed(6)
+    plain = MoME(num_experts=3, in_channels=1, num_classes=2, **SMALL).eval()
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    extended = load_extending(MoME(3, 1, 2, modality_classifier=True, **SMALL), str(tmp_path / "plain.pt")).eval()
+    x = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(extended(x), plain(x))  # zero weights on the new prior channels
+    torch.save(MoME(2, 1, 2, **SMALL).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(KeyError, match="experts.2"):
+        load_extending(MoME(3, 1, 2, modality_classifier=True, **SMALL), str(tmp_path / "other.pt"))

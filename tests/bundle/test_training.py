@@ -243,3 +243,40 @@ def test_gate_routing_prior_teaches_the_gate_to_silence_off_modality_experts(tmp
     history = trainer.run()
     assert history[-1]["routing"] < 0.5 * history[0]["routing"], [h["routing"] for h in history]
     assert "routing" not in _trainer(tmp_path / "plain", _mome(5), _cases(), epochs=1).run()[0]
+
+
+def _striped_cases() -> list[dict]:
+    """Toy cases of two modalities: "t2" images carry a texture that "t1" images lack."""
+    cases = _cases(8)
+    stripes = torch.sin(torch.arange(24.0))[None, :, None, None]
+    for i, case in enumerate(cases):
+        case["modality"] = ("t1", "t2")[i % 2]
+        if i % 2:
+            case["image"] = case["image"] + 2.0 * stripes
+    return cases
+
+
+def test_modality_classifier_can_learn_the_modality():
+    cases = _striped_cases()
+    x = torch.stack([case["image"][:, :16, :16, :16] for case in cases])
+    y = torch.tensor([i % 2 for i in range(len(cases))])
+    torch.manual_seed(7)
+    classifier = MoME(5, 1, 2, modality_classifier=True, **TOPOLOGY).classifier
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(classifier(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.1, "a texture that only one modality has is learnt"
+
+
+def test_trainer_supervises_the_modality_classifier(tmp_path):
+    torch.manual_seed(7)
+    network = MoME(5, 1, 2, modality_classifier=True, **TOPOLOGY)
+    trainer = _trainer(tmp_path, network, _striped_cases(), epochs=3, iterations_per_epoch=4, augmentation=None)
+    before = [p.detach().clone() for p in network.classifier.parameters()]
+    assert not network.classifier(torch.randn(1, 1, 16, 16, 16)).any(), "zero-initialised head: a uniform prior"
+    history = trainer.run()
+    assert history[-1]["modality"] < history[0]["modality"]
+    assert not any(torch.equal(a, b) for a, b in zip(before, network.classifier.parameters()))
