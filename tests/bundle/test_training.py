@@ -280,3 +280,15 @@ def test_trainer_supervises_the_modality_classifier(tmp_path):
     history = trainer.run()
     assert history[-1]["modality"] < history[0]["modality"]
     assert not any(torch.equal(a, b) for a, b in zip(before, network.classifier.parameters()))
+
+
+def test_classifier_warm_up_trains_only_the_classifier_before_the_first_epoch(tmp_path):
+    torch.manual_seed(8)
+    network = MoME(5, 1, 2, modality_classifier=True, **TOPOLOGY)
+    trainer = _trainer(tmp_path, network, _striped_cases(), epochs=1, classifier_warmup_steps=60)
+    gate_before = [p.detach().clone() for p in network.gate.parameters()]
+    losses = trainer.warm_up_classifier()
+    assert len(losses) == 60 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses
+    assert all(torch.equal(a, b) for a, b in zip(gate_before, network.gate.parameters()))
+    with pytest.raises(ValueError, match="classifier_warmup_steps"):
+        _trainer(tmp_path / "plain", _mome(), _cases(), classifier_warmup_steps=5)
