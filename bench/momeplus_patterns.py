@@ -228,6 +228,7 @@ def markdown(report: dict) -> str:
         "# MoME+ vs baselines over the 15 availability patterns (synthetic gliomas, held-out seed)",
         "",
         f"Machine: {report['machine']}. Training: {report['training']}.",
+        *([f"Note: {report['note']}", ""] if report.get("note") else []),
         f"Single-modality MoME contrast ranking (its validation Dice): {' > '.join(report['single_ranking'])}.",
         "",
         "Mean of the whole-tumour, tumour-core and enhancing-tumour Dice:",
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-demo", action="store_true", help="copy MoME+ weights to bundle/models/model_plus.pt")
     parser.add_argument("--patterns", nargs="+", help="evaluate only these patterns, e.g. t1ce+flair (default: all 15)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    parser.add_argument("--note", default="", help="a remark recorded with the results (e.g. how the run went)")
     for key, value in DEFAULTS.items():
         many = isinstance(value, list)
         kind = int if many else type(value)
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": f"{cfg['epochs']} epochs x {cfg['iterations']} iterations each, AdamW lr {cfg['lr']}, "
         f"train seconds {seconds}, wall {time.time() - started:.0f} s",
         "config": cfg,
+        "note": args.note,
         "single_ranking": evaluation["single_ranking"],
         "summary": summarise(evaluation["rows"]),
         "per_case": evaluation["rows"],
