@@ -101,17 +101,55 @@ def _train(config: str, overrides: dict, out: Path, threads: int | None) -> Path
     return out
 
 
-def _common(cfg: dict, out: Path) -> dict:
-    return {
+def demo_expert_checkpoints(workdir: Path) -> list[str]:
+    """The shipped demo MoME's T1, T1ce, T2 and FLAIR experts as ``load_experts`` files with fresh 4-class heads.
+
+    The demo experts were trained on single-contrast synthetic lesions of all types (binary labels, training seed 0);
+    their bodies carry over, their 1x1x1 heads are replaced by the (seeded) initialisation of a 4-class expert.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    from scripts.networks import MoMEPlus
+
+    out = workdir / "demo_experts"
+    paths = [out / f"{m}.pt" for m in MODALITIES]
+    if all(p.is_file() for p in paths):
+        return [str(p) for p in paths]
+    demo = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    demo_order = json.loads((BUNDLE / "configs" / "inference.json").read_text())["modalities"]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train_plus.json"))
+    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
+    torch.manual_seed(0)
+    fresh = MoMEPlus(4, 4, **{k: parser[k] for k in keys})
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (modality, path) in enumerate(zip(MODALITIES, paths)):
+        prefix = f"experts.{demo_order.index(modality)}."
+        state = fresh.experts[k].state_dict()
+        for key in state:
+            if not key.startswith("heads."):
+                state[key] = demo[prefix + key].clone()
+        torch.save(state, path)
+    return [str(p) for p in paths]
+
+
+def _common(cfg: dict, out: Path, experts: list[str] | None = None) -> dict:
+    common = {
         "seed": cfg["seed"], "progress": "False", "optimizer": ADAMW, "learning_rate": cfg["lr"],
         "foreground_fraction": cfg["foreground_fraction"], "epochs": cfg["epochs"],
         "iterations_per_epoch": cfg["iterations"], "output_dir": str(out), "init_experts": "False",
     }  # fmt: skip
+    if experts:
+        common.update({"init_experts": "True", "expert_checkpoints": experts})
+    return common
 
 
-def train_model(name: str, cfg: dict, workdir: Path, data: Path, threads: int | None) -> Path:
+def train_model(
+    name: str, cfg: dict, workdir: Path, data: Path, threads: int | None, experts: list[str] | None = None
+) -> Path:
     out = workdir / name
-    common = {**_common(cfg, out), "dataset_dir": str(data)}
+    common = {**_common(cfg, out, None if name == "unet_zero_fill" else experts), "dataset_dir": str(data)}
     if name == "mome_plus":
         return _train("train_plus.json", common, out, threads)
     if name == "unet_zero_fill":
@@ -254,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-demo", action="store_true", help="copy MoME+ weights to bundle/models/model_plus.pt")
     parser.add_argument("--patterns", nargs="+", help="evaluate only these patterns, e.g. t1ce+flair (default: all 15)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    parser.add_argument(
+        "--init-from-demo",
+        action="store_true",
+        help="start the experts of both MoME models from the shipped demo MoME's experts (heads re-initialised)",
+    )
     parser.add_argument("--note", default="", help="a remark recorded with the results (e.g. how the run went)")
     for key, value in DEFAULTS.items():
         many = isinstance(value, list)
@@ -268,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = 1 if args.parallel else None
     started = time.time()
     models = args.only or MODELS
-    workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads)) for m in models]
+    if args.init_from_demo:
+        sys.path.insert(0, str(BUNDLE))
+    experts = demo_expert_checkpoints(workdir) if args.init_from_demo else None
+    workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads, experts)) for m in models]
     for worker in workers:
         worker.start()
         if not args.parallel:
@@ -283,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "training": f"{cfg['epochs']} epochs x {cfg['iterations']} iterations each, AdamW lr {cfg['lr']}, "
-        f"train seconds {seconds}, wall {time.time() - started:.0f} s",
+        f"train seconds {seconds}, wall {time.time() - started:.0f} s"
+        + (", MoME experts started from the demo MoME's" if args.init_from_demo else ", all from scratch"),
         "config": cfg,
         "note": args.note,
+        "experts_from_demo": args.init_from_demo,
         "single_ranking": evaluation["single_ranking"],
         "summary": summarise(evaluation["rows"]),
         "per_case": evaluation["rows"],
