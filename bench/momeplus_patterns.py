@@ -4,15 +4,17 @@ Three models are trained on the same synthetic multi-contrast glioma subjects (B
 core, 2 oedema, 3 enhancing) and compared on a held-out seed, for every non-empty subset of the four contrasts:
 
 * ``mome_plus``: the demo MoME+ (``configs/train_plus.json``: dispatch MLP, 4 experts, prior-conditioned gate, modality
-  dropout, curriculum applied), trained from scratch;
+  dropout, curriculum applied), trained from scratch or, with ``--init-from-demo``, with its experts started from the
+  shipped demo MoME's T1/T1ce/T2/FLAIR experts (fresh 4-class heads; how the shipped ``model_plus.pt`` was made);
 * ``unet_zero_fill``: one plain U-Net on all four channels, trained with the same modality dropout, missing channels
   zero-filled (``modality_dropout``), of about the same parameter count;
 * ``mome_best_single``: a single-modality MoME (4 experts + gate, ``configs/train.json`` with 4 classes) trained on the
-  same subjects one contrast at a time, applied to the best available contrast of each pattern (best = highest Dice
-  of that model on its own validation patches, so the test set does not choose).
+  same subjects one contrast at a time (experts from the demo MoME too with ``--init-from-demo``), applied to the
+  best available contrast of each pattern (best = highest Dice of that model on its own validation patches, so the
+  test set does not choose).
 
 Cost: every test case is segmented 34 times (15 patterns x 2 models + 4 contrasts, whole volumes, nnU-Net tiling at
-step 0.5): about 12 min per case on one contended core for the demo sizes. Metrics per case and pattern: Dice of the
+step 0.5): about 6 min per case on 2 cores for the demo sizes. Metrics per case and pattern: Dice of the
 BraTS regions whole tumour (labels 1-3), tumour core (1, 3) and enhancing tumour (3), and their mean. Each step is
 skipped when its output exists, so an interrupted run continues; ``--parallel`` trains the three models side by side
 with one thread each. Results: ``bench/results/momeplus_patterns.json`` and ``.md``; ``--export-demo`` copies the
