@@ -65,7 +65,7 @@ __all__ = [
     "template_grid",
 ]
 
-GENERATOR_VERSION = "1.3"
+GENERATOR_VERSION = "1.4"
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 PLUS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # MoME+'s channel order
 BINARY_LABELS = {"background": 0, "lesion": 1}
@@ -318,12 +318,18 @@ def _native_grid(rng: np.random.Generator, affine: np.ndarray, shape: Sequence[i
 
 
 def _to_native(
-    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, affine: np.ndarray
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, affine: np.ndarray, head_scale: float | None = None
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Resamples an image/label pair from MoME space onto a random native grid (linear / nearest)."""
+    """Resamples an image/label pair from MoME space onto a random native grid (linear / nearest).
+
+    The native world differs from the template world by a random rotation and shift (the patient's position in this
+    series) and by ``head_scale`` (the subject's head size; one value for every series of a subject, since series of
+    one head differ only rigidly). Without ``head_scale`` the scale is drawn per series (generator <= 1.3).
+    """
     native_affine, native_shape = _native_grid(rng, affine, image.shape)
     transform = np.eye(4)  # native mm -> template mm
-    transform[:3, :3] = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))) * rng.uniform(0.9, 1.1)
+    rotation, series_scale = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))), rng.uniform(0.9, 1.1)
+    transform[:3, :3] = rotation * (series_scale if head_scale is None else head_scale)
     transform[:3, 3] = rng.uniform(-20, 20, size=3)
     voxel = np.linalg.inv(affine) @ transform @ native_affine  # native voxel -> MoME-space voxel
     coords = voxel_to_world(native_shape, voxel)
@@ -380,6 +386,7 @@ def generate_dataset(
         subject = generate_subject(rng, spacing, lesion_weights)
         name = f"syn_s{seed}_{index:04d}"
         label = subject.regions if label_scheme == "brats" else subject.label
+        head_scale = float(np.random.default_rng([seed, index, 1]).uniform(0.9, 1.1))  # own stream: rng unchanged
         if multichannel:
             entries.append(_write_multichannel_case(out, name, subject, label, modalities, rng))
         else:
@@ -387,7 +394,7 @@ def generate_dataset(
                 modalities if all_contrasts else [m for m in modalities if m in LESION_CONTRASTS[subject.lesion_type]]
             )
             for modality in contrasts:
-                entries.append(_write_case(out, name, subject, label, modality, rng, native))
+                entries.append(_write_case(out, name, subject, label, modality, rng, native, head_scale))
         if progress:
             elapsed = time.time() - started
             print(f"\r[{index + 1}/{cases}] subjects, {elapsed:.0f} s", end="", file=sys.stderr, flush=True)
@@ -422,13 +429,20 @@ def generate_dataset(
 
 
 def _write_case(
-    out: Path, name: str, subject: Subject, label: np.ndarray, modality: str, rng: np.random.Generator, native: bool
+    out: Path,
+    name: str,
+    subject: Subject,
+    label: np.ndarray,
+    modality: str,
+    rng: np.random.Generator,
+    native: bool,
+    head_scale: float | None = None,
 ) -> dict:
     """One single-contrast case (MoME layout); returns its dataset entry."""
     image, affine = render(subject, modality, rng), subject.affine
     entry = {"case": f"{name}_{modality}", "subject": name, "modality": modality, "lesion_type": subject.lesion_type}
     if native:
-        image, label, affine, transform = _to_native(rng, image, label, affine)
+        image, label, affine, transform = _to_native(rng, image, label, affine, head_scale)
         entry["native_to_template"] = np.round(transform, 6).tolist()
     entry["image"] = f"imagesTr/{name}_{modality}_0000.nii.gz"
     entry["label"] = f"labelsTr/{name}_{modality}.nii.gz"
