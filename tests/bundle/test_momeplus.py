@@ -502,3 +502,25 @@ def test_a_misaligned_series_is_left_out_not_fed_to_the_network(tmp_path):
     assert "low similarity" in result.excluded["flair"]
     assert result.availability == {"t1": False, "t1ce": True, "t2": False, "flair": False}
     assert not result.mome_image[3].any(), "the excluded FLAIR never reaches the network"
+
+
+def test_shipped_momeplus_weights_load_into_the_template_and_respect_the_availability():
+    """``models/model_plus.pt`` matches ``inference_plus.json``'s network strictly and a missing channel's content
+    cannot change its output (the dispatch zeroes missing channels before anything reads them)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(TEMPLATE / "configs/inference_plus.json"))
+    parser["bundle_root"] = str(TEMPLATE)
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(TEMPLATE / "models/model_plus.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    network.eval()
+    x = torch.randn(1, 4, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    c = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    noisy = x.clone()
+    noisy[:, 2] = torch.randn(32, 32, 32, generator=torch.Generator().manual_seed(1)) * 10
+    with torch.inference_mode():
+        first, second = network(x, availability=c), network(noisy, availability=c)
+    assert first.shape == (1, 4, 32, 32, 32) and torch.isfinite(first).all()
+    torch.testing.assert_close(first, second)
