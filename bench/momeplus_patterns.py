@@ -103,6 +103,16 @@ def _train(config: str, overrides: dict, out: Path, threads: int | None) -> Path
     return out
 
 
+def _topology() -> dict:
+    """The network sizes of ``configs/train_plus.json`` (shared by the three models)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train_plus.json"))
+    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
+    return {k: parser[k] for k in keys}
+
+
 def demo_expert_checkpoints(workdir: Path) -> list[str]:
     """The shipped demo MoME's T1, T1ce, T2 and FLAIR experts as ``load_experts`` files with fresh 4-class heads.
 
@@ -110,7 +120,6 @@ def demo_expert_checkpoints(workdir: Path) -> list[str]:
     their bodies carry over, their 1x1x1 heads are replaced by the (seeded) initialisation of a 4-class expert.
     """
     import torch
-    from monai.bundle import ConfigParser
 
     from scripts.networks import MoMEPlus
 
@@ -120,11 +129,8 @@ def demo_expert_checkpoints(workdir: Path) -> list[str]:
         return [str(p) for p in paths]
     demo = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
     demo_order = json.loads((BUNDLE / "configs" / "inference.json").read_text())["modalities"]
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train_plus.json"))
-    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
     torch.manual_seed(0)
-    fresh = MoMEPlus(4, 4, **{k: parser[k] for k in keys})
+    fresh = MoMEPlus(4, 4, **_topology())
     out.mkdir(parents=True, exist_ok=True)
     for k, (modality, path) in enumerate(zip(MODALITIES, paths)):
         prefix = f"experts.{demo_order.index(modality)}."
@@ -169,15 +175,11 @@ def train_model(
 def _networks(workdir: Path, cfg: dict):
     """The three trained networks (eval mode) and the single MoME's contrast ranking from its validation Dice."""
     import torch
-    from monai.bundle import ConfigParser
 
     from scripts.networks import MoME, MoMEPlus
     from scripts.training import build_unet
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train_plus.json"))
-    keys = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_conv_per_stage_decoder")
-    topology = {k: parser[k] for k in keys}
+    topology = _topology()
     nets = {
         "mome_plus": MoMEPlus(4, 4, **topology),
         "unet_zero_fill": build_unet(4, 4, **{**topology, "features_per_stage": cfg["unet_features"]}),
@@ -313,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = 1 if args.parallel else None
     started = time.time()
     models = args.only or MODELS
-    if args.init_from_demo:
-        sys.path.insert(0, str(BUNDLE))
+    sys.path.insert(0, str(BUNDLE))  # the bundle's scripts, for the expert files and the evaluation
     experts = demo_expert_checkpoints(workdir) if args.init_from_demo else None
     workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads, experts)) for m in models]
     for worker in workers:
@@ -325,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         worker.join()
     if args.only:
         return 0
-    sys.path.insert(0, str(BUNDLE))
     evaluation = evaluate(workdir, cfg, test, args.patterns)
     seconds = {m: _train_seconds(workdir / m) for m in MODELS}
     report = {

@@ -318,18 +318,18 @@ def _native_grid(rng: np.random.Generator, affine: np.ndarray, shape: Sequence[i
 
 
 def _to_native(
-    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, affine: np.ndarray, head_scale: float | None = None
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, affine: np.ndarray, head_scale: float
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Resamples an image/label pair from MoME space onto a random native grid (linear / nearest).
 
     The native world differs from the template world by a random rotation and shift (the patient's position in this
     series) and by ``head_scale`` (the subject's head size; one value for every series of a subject, since series of
-    one head differ only rigidly). Without ``head_scale`` the scale is drawn per series (generator <= 1.3).
+    one head differ only rigidly).
     """
     native_affine, native_shape = _native_grid(rng, affine, image.shape)
     transform = np.eye(4)  # native mm -> template mm
-    rotation, series_scale = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))), rng.uniform(0.9, 1.1)
-    transform[:3, :3] = rotation * (series_scale if head_scale is None else head_scale)
+    transform[:3, :3] = _rotation(np.deg2rad(rng.uniform(-20, 20, size=3))) * head_scale
+    rng.uniform(0.9, 1.1)  # generator <= 1.3 drew the scale per series here; still drawn so the stream is unchanged
     transform[:3, 3] = rng.uniform(-20, 20, size=3)
     voxel = np.linalg.inv(affine) @ transform @ native_affine  # native voxel -> MoME-space voxel
     coords = voxel_to_world(native_shape, voxel)
@@ -436,7 +436,7 @@ def _write_case(
     modality: str,
     rng: np.random.Generator,
     native: bool,
-    head_scale: float | None = None,
+    head_scale: float,
 ) -> dict:
     """One single-contrast case (MoME layout); returns its dataset entry."""
     image, affine = render(subject, modality, rng), subject.affine
