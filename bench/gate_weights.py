@@ -52,6 +52,7 @@ def describe(network, data: Path, case: str, modalities: list[str], patch: list[
     normalised = (image - volume.mean()) / volume.std()
     with torch.inference_mode():
         logits, weights = network._run(torch.from_numpy(np.ascontiguousarray(normalised))[None, None], None, False)
+        modality = network.classify(torch.from_numpy(np.ascontiguousarray(normalised))[None, None])
     fused = network.fuse([levels[0] for levels in logits], weights[0])
     k, c = network.num_experts, network.num_classes
     maps = weights[0][0].reshape(k, c, -1)
@@ -59,7 +60,10 @@ def describe(network, data: Path, case: str, modalities: list[str], patch: list[
     mean = maps[:, :, brain].mean(2)  # (K, C)
     experts = " ".join(f"{m} {_dice(levels[0], truth):.2f}" for m, levels in zip(modalities, logits))
     gate = " | ".join(f"class {j}: " + " ".join(f"{v:+.2f}" for v in mean[:, j].tolist()) for j in range(c))
-    return f"{case:<22} fused {_dice(fused, truth):.2f} | experts {experts} | gate mean {gate}"
+    line = f"{case:<22} fused {_dice(fused, truth):.2f} | experts {experts} | gate mean {gate}"
+    if modality is not None:  # the modality classifier's probabilities (our MoME extension)
+        line += " | classifier " + " ".join(f"{v:.2f}" for v in torch.softmax(modality[0], 0).tolist())
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = ConfigParser()
     config.read_config(str(args.config))
-    network = config.get_parsed_content("network_def")
     modalities = [str(m) for m in config["modalities"]] if "modalities" in config else []
     for path in args.models:
-        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config["modality_classifier"] = any(key.startswith("classifier.") for key in state)
+        network = config.get_parsed_content("network_def", lazy=False)
+        network.load_state_dict(state)
         network.eval()
         print(f"== {path}")
         for case in args.cases:

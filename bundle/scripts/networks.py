@@ -261,37 +261,65 @@ def _check_unet_args(
 
 
 class ModalityClassifier(nn.Module):
-    """Which expert's modality an image (tile) is: strided ConvNormAct stages, global mean and max pooling, linear.
+    """Which expert's modality an image (tile) is: strided ConvNormAct stages and intensity quantiles, then an MLP.
 
     Our extension for MoME (``MoME(modality_classifier=True)``), not in the authors' code: the class probabilities
-    reach the gate as a prior at its bottleneck, the way MoME+ feeds its availability vector.
+    set a per-expert bias of the gate's weight maps (see :class:`MoME`).
+
+    The convolutional features are instance-normalised, so they see the image's structure but not its intensity
+    levels; quantiles of the (z-scored) input intensities add those (e.g. bright CSF in T2, dark CSF in FLAIR).
 
     Args:
         in_channels: image channels.
         num_modalities: classes (the experts' modalities).
         width: channels of the first stage (doubled per stage).
-        stages: stride-2 stages (``2``: a 48^3 tile is seen at 12^3 before pooling).
+        strides: stride of each stage; MoME passes its U-Net's downsampling strides, so any input the U-Net takes
+            is big enough (the demo's 48^3 tile is seen at 6^3 before pooling).
+        hidden: width of the MLP's hidden layer.
 
     Shapes:
         ``(B, in_channels, D, H, W)`` -> logits ``(B, num_modalities)``.
     """
 
-    def __init__(self, in_channels: int, num_modalities: int, width: int = 8, stages: int = 2) -> None:
+    QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_modalities: int,
+        width: int = 8,
+        strides: Sequence[KernelLike] = (2, 2, 2),
+        hidden: int = 32,
+    ) -> None:
         super().__init__()
         blocks, channels = [], in_channels
-        for stage in range(stages):
-            blocks.append(ConvNormAct(channels, width * 2**stage, 3, 2))
+        for stage, stride in enumerate(strides):
+            blocks.append(ConvNormAct(channels, width * 2**stage, 3, stride))
             channels = width * 2**stage
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(2 * channels, num_modalities)
+        self.register_buffer("quantiles", torch.tensor(self.QUANTILES), persistent=False)
+        self.max_quantile_samples = 1 << 20  # torch.quantile's input limit is 16 M; 1 M samples are plenty
+        self.head = nn.Sequential(
+            nn.Linear(2 * channels + in_channels * len(self.QUANTILES), hidden),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Linear(hidden, num_modalities),
+        )
         self.apply(he_init)
-        nn.init.zeros_(self.head.weight)  # uniform probabilities at the start: a neutral prior
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.head[-1].weight)  # uniform probabilities at the start: a neutral prior
+        nn.init.zeros_(self.head[-1].bias)
+
+    def intensity_quantiles(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel quantiles of ``x`` (``(B, C * len(QUANTILES))``), on at most ~1 M evenly strided voxels."""
+        values = x.detach().flatten(2).float()
+        step = max(1, -(-values.shape[2] // self.max_quantile_samples))
+        quantiles = torch.quantile(values[:, :, ::step], self.quantiles, dim=2)  # (Q, B, C)
+        return quantiles.permute(1, 2, 0).flatten(1).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Max next to mean pooling: the mean of instance-normalised activations hardly depends on the input.
         features = self.features(x).flatten(2)
-        return self.head(torch.cat([features.mean(dim=2), features.amax(dim=2)], dim=1))
+        pooled = [features.mean(dim=2), features.amax(dim=2), self.intensity_quantiles(x)]
+        return self.head(torch.cat(pooled, dim=1))
 
 
 class MoME(nn.Module):
@@ -312,10 +340,13 @@ class MoME(nn.Module):
         gate_image_channels: image channels the gate sees next to the expert features; defaults to
             ``in_channels`` (MoME); MoME+ passes its ``M`` dispatched channels.
         modality_classifier: our extension, off by default (the authors' MoME): a :class:`ModalityClassifier` on the
-            image whose softmax probabilities over the ``K`` expert modalities are appended to the gate's bottleneck
-            prior. It makes the gate modality-aware without telling the network the modality at inference; training
-            supervises it with the dataset's modality (``MoMELoss`` ``modality_weight``). Why: the demo's gate gave
-            T1, T2, FLAIR and DWI tiles the same weights (``bench/results/gate_routing_prior``).
+            image whose softmax probabilities ``p`` over the ``K`` expert modalities set a per-expert bias of the
+            gate's weight maps, ``W[i] + A_i p + b_i`` at every level ``i`` (``routing``, zero-initialised, so a plain
+            MoME's weights load unchanged). It makes the gate modality-aware without telling the network the
+            modality at inference; training supervises the classifier with the dataset's modality (``MoMELoss``
+            ``modality_weight``). Why: the demo's gate gave T1, T2, FLAIR and DWI tiles the same weights, and a
+            prior at the gate's bottleneck (as MoME+ feeds its availability vector) does not reach its output: the
+            instance norms of every decoder stage remove a per-channel constant (``bench/results/gate_routing_prior``).
 
     Shapes:
         eval: ``(B, in_channels, D, H, W)`` -> fused logits ``(B, C, D, H, W)``.
@@ -356,11 +387,19 @@ class MoME(nn.Module):
         self.experts = nn.ModuleList([PlainConvUNet(in_channels, num_classes, **topology) for _ in range(num_experts)])
         self.gate_image_channels = in_channels if gate_image_channels is None else int(gate_image_channels)
         gate_in = self.gate_image_channels + num_experts * int(features_per_stage[0])
-        self.classifier = (
-            ModalityClassifier(in_channels, num_experts, int(features_per_stage[0])) if modality_classifier else None
-        )
-        prior_channels = int(gate_prior_channels) + (num_experts if modality_classifier else 0)
-        self.gate = PlainConvUNet(gate_in, num_experts * num_classes, prior_channels=prior_channels, **topology)
+        self.gate = PlainConvUNet(gate_in, num_experts * num_classes, prior_channels=gate_prior_channels, **topology)
+        self.classifier: ModalityClassifier | None = None
+        self.routing: nn.ModuleList | None = None
+        if modality_classifier:
+            self.classifier = ModalityClassifier(
+                in_channels, num_experts, int(features_per_stage[0]), self.gate.strides[1:]
+            )
+            self.routing = nn.ModuleList(
+                [nn.Linear(num_experts, num_experts * num_classes) for _ in range(len(self.gate.heads))]
+            )
+            for layer in self.routing:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @property
     def size_divisor(self) -> Tuple[int, int, int]:
@@ -375,22 +414,27 @@ class MoME(nn.Module):
             fused = fused + expert_logits[k] * weights[:, c * k : c * (k + 1)]
         return fused
 
-    def _gate_prior(
-        self, x: torch.Tensor, prior: torch.Tensor | None
-    ) -> Tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The gate's bottleneck prior (``prior``, then the classifier's probabilities) and the classifier logits."""
-        if self.classifier is None:
-            return prior, None
-        logits = self.classifier(x)
-        probabilities = torch.softmax(logits.float(), dim=1).to(x.dtype)
-        return (probabilities if prior is None else torch.cat([prior, probabilities], dim=1)), logits
+    def classify(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The modality classifier's logits ``(B, K)`` for ``x``; ``None`` without a classifier."""
+        return None if self.classifier is None else self.classifier(x)
+
+    def _route(self, weights: List[torch.Tensor], modality_logits: torch.Tensor | None) -> List[torch.Tensor]:
+        """Adds the classifier's per-expert bias to the gate's weight maps (level ``i`` of ``weights``)."""
+        if self.routing is None or modality_logits is None:
+            return weights
+        probabilities = torch.softmax(modality_logits.float(), dim=1)
+        routed: List[torch.Tensor] = []
+        for level, layer in enumerate(self.routing):  # ModuleList indexing by a variable does not script
+            if level < len(weights):
+                routed.append(weights[level] + layer(probabilities).to(weights[level].dtype)[:, :, None, None, None])
+        return routed
 
     def _run(
         self, x: torch.Tensor, prior: torch.Tensor | None, all_levels: bool
     ) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
         """Expert logits per expert and level, and gate weights per level (every expert sees ``x``)."""
-        gate_prior = self._gate_prior(x, prior)[0]
-        return self._run_mixture(x, [x for _ in range(self.num_experts)], gate_prior, all_levels)
+        expert_logits, weights = self._run_mixture(x, [x for _ in range(self.num_experts)], prior, all_levels)
+        return expert_logits, self._route(weights, self.classify(x))
 
     def _run_mixture(
         self, gate_image: torch.Tensor, expert_inputs: List[torch.Tensor], prior: torch.Tensor | None, all_levels: bool
@@ -431,7 +475,6 @@ class MoME(nn.Module):
         at MoME's 1 mm release size this saves the 161-channel tensor (1.35 GB per 128^3 tile in float32).
         ``x`` is the gate's image input; expert ``k`` sees ``expert_inputs[k]`` (default ``x``, as in MoME).
         """
-        prior = self._gate_prior(x, prior)[0]
         block = self.gate.encoder[0][0]
         conv = block.conv
         width = self.experts[0].features_per_stage[0]
@@ -449,13 +492,14 @@ class MoME(nn.Module):
             del skips, levels
         stem = block.act(block.norm(stem))
         weights = self.gate.forward_features(stem, prior, False, first_block_done=True)[1]
-        return self.fuse(expert_logits, weights[0])
+        return self.fuse(expert_logits, self._route(weights, self.classify(x))[0])
 
     @torch.jit.unused
     def forward_train(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> Dict[str, list]:
         """Everything a deep-supervised MoME loss needs: fused, per-expert and gate outputs at every level."""
-        prior, modality_logits = self._gate_prior(x, prior)
+        modality_logits = self.classify(x)
         expert_logits, weights = self._run_mixture(x, [x for _ in range(self.num_experts)], prior, True)
+        weights = self._route(weights, modality_logits)
         fused = [self.fuse([levels[i] for levels in expert_logits], w) for i, w in enumerate(weights)]
         outputs: Dict[str, list] = {"fused": fused, "experts": expert_logits, "weights": weights}
         if modality_logits is not None:

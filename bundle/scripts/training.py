@@ -40,10 +40,12 @@ __all__ = [
     "PlusPatchSampler",
     "Trainer",
     "load_experts",
+    "load_extending",
     "modality_index",
     "poly_lr",
     "read_datalist",
     "read_plus_datalist",
+    "routing_groups",
     "split_by_subject",
 ]
 
@@ -141,28 +143,34 @@ def load_experts(network: MoME, checkpoints: Sequence[str], reinit_heads: bool =
     return network
 
 
+def routing_groups(network: nn.Module, routing_lr_scale: float) -> List[Dict[str, object]]:
+    """Optimizer parameter groups: MoME's classifier routing layers with ``lr_scale``, everything else without.
+
+    The routing layers start at zero and must grow to the size of the gate's weights (about 1) within a short
+    fine-tune; with Adam each step moves them by about the learning rate, hence the scale.
+    """
+    routing = [p for name, p in network.named_parameters() if name.startswith("routing.")]
+    others = [p for name, p in network.named_parameters() if not name.startswith("routing.")]
+    return [{"params": others}, {"params": routing, "lr_scale": float(routing_lr_scale)}]
+
+
 def load_extending(network: MoME, path: str) -> MoME:
     """Loads a MoME state dict saved without the modality classifier into ``network`` that has one.
 
-    The classifier keeps its initialisation and the gate's first upsampling convolution, which takes the bottleneck
-    plus the prior, gets the saved weights for the bottleneck channels and zeros for the new prior channels, so the
-    loaded network computes exactly what the saved one did until training moves them. Any other difference is an
-    error.
+    The classifier and the routing layers keep their initialisation; the routing layers start at zero, so the loaded
+    network computes exactly what the saved one did until training moves them. Any other difference is an error.
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = network.state_dict()
     for key, value in state.items():
         if key not in saved:
-            if not key.startswith("classifier."):
+            if not key.startswith(("classifier.", "routing.")):
                 raise KeyError(f"{path}: no {key!r} in the checkpoint.")
             continue
         old = saved[key]
-        if old.shape == value.shape:
-            state[key] = old
-        elif key == "gate.upsample.0.weight" and old.shape[1:] == value.shape[1:] and old.shape[0] < value.shape[0]:
-            state[key] = torch.cat([old, old.new_zeros((value.shape[0] - old.shape[0], *old.shape[1:]))])
-        else:
+        if old.shape != value.shape:
             raise ValueError(f"{path}: {key!r} has shape {tuple(old.shape)}, the network {tuple(value.shape)}.")
+        state[key] = old
     unexpected = sorted(set(saved) - set(state))
     if unexpected:
         raise KeyError(f"{path}: unexpected keys {unexpected[:3]}.")
@@ -480,7 +488,7 @@ class Trainer:
     def _nets(self) -> List[nn.Module]:
         if not self.is_mome:
             return [self.network]
-        classifier = [self.network.classifier] if self.network.classifier is not None else []
+        classifier = [self.network.classifier, self.network.routing] if self.network.classifier is not None else []
         if self.clip_scope == "gate":
             return [self.network.gate, *classifier]
         extra = ([self.network.dispatch] if self.is_plus else []) + classifier
@@ -555,7 +563,7 @@ class Trainer:
     def _epoch(self, epoch: int, bar_desc: str) -> Dict[str, float]:
         lr = poly_lr(self.initial_lr, epoch, self.epochs, self.poly_exponent)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a param group may scale the schedule (see routing_groups)
         warming_up = epoch < self.gate_warmup_epochs
         if self.is_mome:
             self.network.experts.requires_grad_(not warming_up)

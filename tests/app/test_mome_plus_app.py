@@ -82,7 +82,8 @@ def _tiny_bundle(tmp_path: Path, single: bool = True, plus: bool = True) -> Path
         arch = {k: config[k] for k in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage")}
         arch["n_conv_per_stage_decoder"] = config["n_conv_per_stage_decoder"]
         if wanted:
-            model = MoME(5, 1, 2, **arch) if network is MoME else MoMEPlus(4, 4, **arch)
+            classifier = {"modality_classifier": bool(config.get("modality_classifier"))} if network is MoME else {}
+            model = MoME(5, 1, 2, **arch, **classifier) if network is MoME else MoMEPlus(4, 4, **arch)
             torch.save(model.state_dict(), bundle / "models" / weights)
     return bundle
 

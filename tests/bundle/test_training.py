@@ -282,6 +282,23 @@ def test_trainer_supervises_the_modality_classifier(tmp_path):
     assert not any(torch.equal(a, b) for a, b in zip(before, network.classifier.parameters()))
 
 
+def test_routing_layers_learn_at_a_scaled_rate_and_move_in_the_gate_warm_up(tmp_path):
+    from scripts.training import routing_groups
+
+    torch.manual_seed(10)
+    network = MoME(5, 1, 2, modality_classifier=True, **TOPOLOGY)
+    groups = routing_groups(network, 10.0)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in network.routing.parameters()}
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(network.parameters()))
+    trainer = _trainer(tmp_path, network, _striped_cases(), epochs=2, gate_warmup_epochs=1, max_iterations=2)
+    trainer.optimizer = torch.optim.AdamW(groups, lr=0.01)
+    experts_before = [p.detach().clone() for p in network.experts.parameters()]
+    trainer.run()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.01, 0.1])
+    assert any(layer.weight.abs().sum() > 0 for layer in network.routing), "zero-initialised, then trained"
+    assert all(torch.equal(a, b) for a, b in zip(experts_before, network.experts.parameters()))
+
+
 def test_classifier_warm_up_trains_only_the_classifier_before_the_first_epoch(tmp_path):
     torch.manual_seed(8)
     network = MoME(5, 1, 2, modality_classifier=True, **TOPOLOGY)
