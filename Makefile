@@ -33,16 +33,19 @@ BENCH_REPEATS ?= 3
 bench: bench-cpu bench-levers bench-quality bench-training
 
 bench-cpu: $(STAMP)
-	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS) --release-repeats 1
+	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS) --release-repeats 1 \
+		--release-whole-volume
 
 bench-levers: $(STAMP)
-	$(PY) bench/cpu_levers.py --arch release --levers baseline inference_mode lean_gate bf16 threads1
+	$(PY) bench/cpu_levers.py --arch release --levers baseline inference_mode lean_gate channels_last
 
 bench-quality: $(STAMP)
 	@test -f .bench/data_seed1/dataset.json || (cd bundle && PYTHONPATH=. ../$(PY) -m scripts.synthetic \
 		--out ../.bench/data_seed1 --cases 24 --seed 1 --quiet)
 	PYTHONPATH=bundle $(PY) bench/profile_agreement.py --data .bench/data_seed1 --model bundle \
-		--profiles parity fast --per-modality 2 --out bench/results/profile_agreement.json
+		--profiles parity fast --per-modality 2 \
+		--variant step0.75 0.75 1.0 --variant scale1.33 0.75 1.33 --variant whole_volume 1.0 inf \
+		--out bench/results/profile_agreement.json
 
 bench-training: $(STAMP)
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench --parallel

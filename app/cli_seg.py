@@ -47,7 +47,10 @@ __all__ = ["InputRejected", "build_parser", "guess_modality", "load_volume", "ma
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 PROFILE_NAMES = ("fast", "parity", "accurate")  # scripts.profiles.PROFILES (a test keeps them in step)
-PROFILE_HELP = "inference profile: fast (default), parity (the authors' tiling), accurate (parity + mirroring)"
+PROFILE_HELP = (
+    "inference profile: fast (default; bfloat16 on CPUs with native bf16), parity (the authors' tiling, float32 on "
+    "CPU), accurate (parity + mirroring)"
+)
 MODE_HELP = (
     "auto (default): a study's T1/T1ce/T2/FLAIR series go to the bundle's MoME+ model together when it has one and "
     "the study has at least two of them; plus: always MoME+ for those series; single: one MoME run per series"

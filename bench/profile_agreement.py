@@ -28,7 +28,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from scripts.metrics import dice
-from scripts.profiles import ProfileInferer
+from scripts.profiles import ProfileInferer, cpu_has_native_bf16
 
 PROFILE_ORDER = ("parity", "fast", "accurate")
 
@@ -54,10 +54,10 @@ def pick_cases(data: Path, per_modality: int) -> list[dict[str, Any]]:
     return [entry for group in chosen.values() for entry in group]
 
 
-def make_inferer(parser: ConfigParser, name: str, variants: dict[str, tuple[float, float]]) -> ProfileInferer:
-    """The profile ``name``, or the ``fast`` profile with a variant's tile step and scale."""
+def make_inferer(parser: ConfigParser, name: str, variants: dict[str, dict[str, Any]]) -> ProfileInferer:
+    """The profile ``name``, or the ``fast`` profile with a variant's overrides (tile step and scale, bf16)."""
     profile = name if name in PROFILE_ORDER else "fast"
-    overrides = {"tile_step": variants[name][0], "tile_scale": variants[name][1]} if name in variants else {}
+    overrides = variants.get(name, {})
     roi, axes = parser.get("patch_size"), parser.get("mirror_axes")
     return ProfileInferer(profile, roi_size=roi, mirror_axes=axes, **overrides)
 
@@ -85,7 +85,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     parser, network = load_bundle(args.model)
     preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
-    variants = {name: (float(step), float(scale)) for name, step, scale in args.variant or []}
+    variants: dict[str, dict[str, Any]] = {
+        name: {"tile_step": float(step), "tile_scale": float(scale)} for name, step, scale in args.variant or []
+    }
+    if args.bf16_variant and not cpu_has_native_bf16():
+        raise SystemExit(
+            "--bf16-variant: this CPU has no native bfloat16 (avx512_bf16 / amx_bf16); nothing to measure."
+        )
+    variants.update({name: {"cpu_bf16": True} for name in args.bf16_variant or []})
     names = [*args.profiles, *variants]
     inferers = {name: make_inferer(parser, name, variants) for name in names}
     cases = []
@@ -98,11 +105,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             labels[name], row["seconds"][name] = segment(network, image, inferers[name])
             row["dice_to_truth"][name] = dice(labels[name], gt)
             row["tiles"][name] = inferers[name].describe()["n_tiles"]
+            row.setdefault("precision", {})[name] = inferers[name].describe()["precision"]
         row["agreement_with_parity"] = {n: dice(labels[n], labels["parity"]) for n in names if n != "parity"}
         cases.append(row)
         print(json.dumps(row), flush=True)
     settings = {name: {k: v for k, v in inferers[name].describe().items() if k in ("tile_step", "tile_scale", "tta",
-                "accumulate_dtype")} for name in names}  # fmt: skip
+                "accumulate_dtype", "precision")} for name in names}  # fmt: skip
     return {"model": str(args.model), "data": str(args.data), "threads": torch.get_num_threads(),
             "settings": settings, "cases": cases, "summary": summarise(cases, names)}  # fmt: skip
 
@@ -131,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profiles", nargs="+", default=["parity", "fast"], choices=PROFILE_ORDER)
     parser.add_argument("--variant", nargs=3, action="append", metavar=("NAME", "TILE_STEP", "TILE_SCALE"),
                         help="the fast profile with other tiles (repeatable)")  # fmt: skip
+    parser.add_argument("--bf16-variant", action="append", metavar="NAME",
+                        help="the fast profile with bfloat16 autocast (native-bf16 CPUs; repeatable)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results JSON")
     args = parser.parse_args(argv)
@@ -160,16 +170,17 @@ def markdown(results: dict[str, Any]) -> str:
         f"({', '.join(sorted({c['modality'] for c in cases}))}); {results['threads']} threads.",
         "Bar (issue 6): agreement with parity >= 0.98 and |Dice - Dice(parity)| <= 0.01 on every case.",
         "",
-        "| profile / variant | tile step | tile scale | tiles (first case) | median network s | speed-up | "
+        "| profile / variant | tile step | tile scale | precision | tiles (first case) | median network s | speed-up | "
         "mean Dice to truth | min agreement | median agreement | max Dice gap | passes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["summary"].items():
         setting = results["settings"][name]
         passes = "-" if name == "parity" else ("yes" if entry["min_agreement"] >= 0.98 and entry["max_dice_gap"]
                                                 <= 0.01 else "no")  # fmt: skip
         lines.append(
-            f"| {name} | {setting['tile_step']} | {setting['tile_scale']} | {cases[0]['tiles'][name]} | "
+            f"| {name} | {setting['tile_step']} | {setting['tile_scale']} | {setting.get('precision', '-')} | "
+            f"{cases[0]['tiles'][name]} | "
             f"{_cell(entry, 'median_network_seconds', 1)} | {_cell(entry, 'speedup', 2)} | "
             f"{_cell(entry, 'mean_dice_to_truth')} | {_cell(entry, 'min_agreement')} | "
             f"{_cell(entry, 'median_agreement')} | {_cell(entry, 'max_dice_gap')} | {passes} |"

@@ -65,7 +65,7 @@ def test_accurate_adds_mirroring_to_parity(image):
 
 def test_fast_keeps_the_parity_tiles_with_float32_accumulation(image):
     network = tiny_mome()
-    inferer = ProfileInferer("fast", roi_size=(16, 16, 16))
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), cpu_bf16=False)  # float32 on any CPU
     with torch.inference_mode():
         result = inferer(image, network)
         expected = NNUNetSlidingWindowInferer((16, 16, 16), tile_step=0.5)(image, network)
@@ -73,9 +73,23 @@ def test_fast_keeps_the_parity_tiles_with_float32_accumulation(image):
     assert inferer.describe()["n_tiles"] == 3 * 3 * 2
 
 
+def test_fast_autocasts_to_bfloat16_on_cpus_with_native_bf16(image, monkeypatch):
+    monkeypatch.setattr(profiles, "cpu_has_native_bf16", lambda: True)  # emulated where not native: slow, same math
+    network = tiny_mome()
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16))
+    with torch.inference_mode():
+        result = inferer(image, network)
+        expected = NNUNetSlidingWindowInferer((16, 16, 16), tile_step=0.5)(image, network)
+    assert inferer.describe()["precision"] == "bfloat16" and result.dtype == torch.float32
+    assert not torch.equal(result, expected)  # bfloat16 really ran
+    error = (result - expected).abs().mean() / expected.abs().mean()
+    agreement = (result.argmax(1) == expected.argmax(1)).float().mean()
+    assert error < 0.02 and agreement >= 0.99, (error, agreement)  # bfloat16 keeps ~3 significant digits
+
+
 def test_tile_step_override_places_fewer_tiles(image):
     network = tiny_mome()
-    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_step=0.75)
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_step=0.75, cpu_bf16=False)
     with torch.inference_mode():
         result = inferer(image, network)
         expected = NNUNetSlidingWindowInferer((16, 16, 16), tile_step=0.75)(image, network)
@@ -108,7 +122,7 @@ def test_whole_volume_tile_is_one_network_call(image):
         return network(x)
 
     counting.size_divisor = network.size_divisor  # (4, 4, 4)
-    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=float("inf"))
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=float("inf"), cpu_bf16=False)
     with torch.inference_mode():
         result = inferer(image, counting)
         expected = NNUNetSlidingWindowInferer((28, 32, 24))(image, network)
@@ -120,7 +134,7 @@ def test_whole_volume_tile_is_one_network_call(image):
 def test_enlarged_tiles_fall_back_to_patch_tiles_over_the_memory_budget(image, monkeypatch):
     network = tiny_mome()
     monkeypatch.setattr(profiles, "available_memory_bytes", lambda device: 1000)
-    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=2.0)
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=2.0, cpu_bf16=False)
     with torch.inference_mode():
         result = inferer(image, network)
         expected = NNUNetSlidingWindowInferer((16, 16, 16), tile_step=0.5)(image, network)
@@ -143,7 +157,7 @@ def test_out_of_memory_falls_back_to_patch_tiles_then_to_cpu_accumulation(image,
         return network(x)
 
     flaky.size_divisor = network.size_divisor
-    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=2.0)
+    inferer = ProfileInferer("fast", roi_size=(16, 16, 16), tile_scale=2.0, cpu_bf16=False)
     with torch.inference_mode():
         result = inferer(image, flaky)
         expected = NNUNetSlidingWindowInferer((16, 16, 16), tile_step=0.5)(image, network)
@@ -167,10 +181,13 @@ def test_precision_per_device_and_profile(monkeypatch):
     assert ProfileInferer("fast").precision(torch.device("cuda")) == "float16"
     assert ProfileInferer("parity").precision(torch.device("cuda")) == "float16"  # nnU-Net autocasts on CUDA
     assert ProfileInferer("fast", cpu_bf16=True).precision(torch.device("cpu")) == "float32"  # no native bf16
+    assert ProfileInferer("fast").precision(torch.device("cpu")) == "float32"  # never emulated
     monkeypatch.setattr(profiles, "cpu_has_native_bf16", lambda: True)
-    assert ProfileInferer("fast").precision(torch.device("cpu")) == "float32"  # opt-in only
-    assert ProfileInferer("fast", cpu_bf16=True).precision(torch.device("cpu")) == "bfloat16"
+    assert ProfileInferer("fast").precision(torch.device("cpu")) == "bfloat16"  # the default where native
+    assert ProfileInferer("fast", cpu_bf16=False).precision(torch.device("cpu")) == "float32"  # bundle override
     assert ProfileInferer("parity").precision(torch.device("cpu")) == "float32"
+    assert ProfileInferer("accurate").precision(torch.device("cpu")) == "float32"
+    assert ProfileInferer("fast").precision(torch.device("cuda")) == "float16"
 
 
 def test_cpu_bf16_detection_reads_the_flags(tmp_path):
