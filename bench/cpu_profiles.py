@@ -112,31 +112,33 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def _bundle_copy(source: Path, out: Path, config_changes: dict[str, Any]) -> Path:
+    """``source`` copied afresh to ``out`` without its weights, with ``config_changes`` applied to inference.json."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.pt", "__pycache__", "training", "eval"))
+    config_path = out / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config.update(config_changes)
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    return out
+
+
 def make_release_bundle(workdir: Path) -> Path:
     """A copy of the bundle with the authors' release architecture and random (seeded) weights.
 
-    The code and configs are copied afresh on every call, so the benchmark always runs this checkout's code; only the
-    weights (deterministic) are cached.
+    The code and configs are copied afresh on every call, so the benchmark always runs this checkout's code; the
+    weights (deterministic, ~0.7 GB) are generated once in ``workdir`` and linked.
     """
-    out = workdir / "release_bundle"
-    weights = out / "models" / "model.pt"
-    cached = weights.read_bytes() if weights.is_file() else None
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(BUNDLE, out, ignore=shutil.ignore_patterns("model.pt", "__pycache__", "training", "eval"))
-    config_path = out / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    config.update(RELEASE_ARCHITECTURE)
-    config_path.write_text(json.dumps(config, indent=4) + "\n")
-    if cached is not None:
-        weights.write_bytes(cached)
-        return out
-    code = (
-        "import torch; from monai.bundle import ConfigParser; torch.manual_seed(0); p = ConfigParser(); "
-        f"p.read_config({str(config_path)!r}); n = p.get_parsed_content('network_def'); "
-        f"torch.save(n.state_dict(), {str(out / 'models' / 'model.pt')!r})"
-    )
-    (out / "models").mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-c", code], cwd=out, env={**os.environ, "PYTHONPATH": str(out)}, check=True)
+    out = _bundle_copy(BUNDLE, workdir / "release_bundle", RELEASE_ARCHITECTURE)
+    weights = (workdir / "release_model.pt").resolve()
+    if not weights.is_file():
+        code = (
+            "import torch; from monai.bundle import ConfigParser; torch.manual_seed(0); p = ConfigParser(); "
+            f"p.read_config({str(out / 'configs' / 'inference.json')!r}); n = p.get_parsed_content('network_def'); "
+            f"torch.save(n.state_dict(), {str(weights)!r})"
+        )
+        subprocess.run([sys.executable, "-c", code], cwd=out, env={**os.environ, "PYTHONPATH": str(out)}, check=True)
+    (out / "models" / "model.pt").symlink_to(weights)
     return out
 
 
@@ -145,13 +147,9 @@ def make_whole_volume_bundle(release: Path) -> Path:
 
     Timing and memory only: this lever fails the quality guard on the demo model (bench/results/profile_agreement.md).
     """
-    out = release.parent / "release_bundle_whole_volume"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(release, out, ignore=shutil.ignore_patterns("__pycache__"))
-    config_path = out / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    config.update({"tile_scale": "$float('inf')", "tile_step": 1.0})
-    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    whole_volume = {"tile_scale": "$float('inf')", "tile_step": 1.0}
+    out = _bundle_copy(release, release.parent / "release_bundle_whole_volume", whole_volume)
+    (out / "models" / "model.pt").symlink_to((release / "models" / "model.pt").resolve())
     return out
 
 

@@ -104,8 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             labels[name], row["seconds"][name] = segment(network, image, inferers[name])
             row["dice_to_truth"][name] = dice(labels[name], gt)
-            row["tiles"][name] = inferers[name].describe()["n_tiles"]
-            row.setdefault("precision", {})[name] = inferers[name].describe()["precision"]
+            described = inferers[name].describe()
+            row["tiles"][name] = described["n_tiles"]
+            row.setdefault("precision", {})[name] = described["precision"]
         row["agreement_with_parity"] = {n: dice(labels[n], labels["parity"]) for n in names if n != "parity"}
         cases.append(row)
         print(json.dumps(row), flush=True)
