@@ -34,6 +34,7 @@ from torch import nn
 from .losses import UNKNOWN_MODALITY, MoMELoss, MoMEPlusLoss, nnunet_deep_supervision_loss
 from .networks import MoME, MoMEPlus, PlainConvUNet, he_init
 from .plus import AVAILABILITY_KEY, availability_patterns, pattern_name
+from .profiles import cpu_has_native_bf16
 
 __all__ = [
     "PatchSampler",
@@ -336,6 +337,11 @@ class Trainer:
         foreground_fraction: nnU-Net's foreground oversampling.
         seed: base seed of all sampling.
         device: torch device; AMP (``torch.autocast`` + ``GradScaler``) is used on CUDA when ``amp``.
+        cpu_bf16: on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, see
+            :func:`scripts.profiles.cpu_has_native_bf16`), run forward passes and losses under bfloat16 autocast; no
+            loss scaling is needed (bf16 has float32's exponent range) and the weights and optimiser stay float32.
+            Ignored on CUDA and on other CPUs, where bf16 is emulated and slower than float32. A 64^3 expert step
+            (batch 2, two threads) took 0.38 s against 0.65 s in float32 on an AVX512-BF16 EPYC.
         channels_last: use the channels-last 3-D memory layout on CPU (about 20 % faster convolutions here).
         resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
         progress: show a progress bar per epoch.
@@ -380,6 +386,7 @@ class Trainer:
         seed: int = 0,
         device: str | torch.device = "cpu",
         amp: bool = True,
+        cpu_bf16: bool = False,
         channels_last: bool = True,
         resume: bool = True,
         progress: bool = True,
@@ -426,6 +433,7 @@ class Trainer:
         self.grad_clip, self.clip_scope = grad_clip, clip_scope
         self.amp = amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.cpu_bf16 = cpu_bf16 and self.device.type == "cpu" and cpu_has_native_bf16()
         self.resume, self.progress, self.max_iterations = resume, progress, max_iterations
         if classifier_warmup_steps and getattr(network, "classifier", None) is None:
             raise ValueError("classifier_warmup_steps needs a MoME with a modality classifier.")
@@ -494,18 +502,28 @@ class Trainer:
         extra = ([self.network.dispatch] if self.is_plus else []) + classifier
         return [*self.network.experts, self.network.gate, *extra]
 
+    def _autocast(self) -> torch.autocast:
+        """float16 autocast on CUDA with ``amp``, bfloat16 on a native-bf16 CPU with ``cpu_bf16``, else disabled."""
+        if self.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=self.amp)
+
     def train_step(self, batch: Dict[str, torch.Tensor], r: float) -> Dict[str, float]:
         image, label = self._to_device(batch["image"]), batch["label"].to(self.device).float()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with self._autocast():
             if self.is_plus:
                 outputs = self.network(image, batch[AVAILABILITY_KEY].to(self.device))
+            else:
+                outputs = self.network(image)
+            if self.cpu_bf16:  # the soft Dice sums over whole patches: compute the losses in float32
+                outputs = _to_float(outputs)
+            if self.is_plus:
                 terms = self.loss(outputs, label, r)
             elif self.is_mome:
-                outputs = self.network(image)
                 terms = self.loss(outputs, label, batch["expert"], r)
             else:
-                terms = {"loss": self.single_loss(self.network(image), label)}
+                terms = {"loss": self.single_loss(outputs, label)}
         self.scaler.scale(terms["loss"]).backward()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -530,7 +548,7 @@ class Trainer:
         for patch in self.val_patches:
             image = self._to_device(patch["image"][None])
             for name, kwargs in self._val_runs(patch):
-                with torch.autocast(self.device.type, enabled=self.amp):
+                with self._autocast():
                     logits = self.network(image * kwargs.get("mask", 1), **kwargs.get("args", {}))
                 prediction = logits.argmax(1)[0].cpu()
                 counts[name] = counts.get(name, 0) + _confusion(prediction, patch["label"][0], self.num_classes)
@@ -642,6 +660,17 @@ class Trainer:
             self.best_ema = self.ema_dice
             record["best"] = True
             _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+
+
+def _to_float(outputs: object) -> object:
+    """``outputs`` (a tensor, or a dict/list/tuple of them, nested) with every floating tensor cast to float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {key: _to_float(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float(value) for value in outputs)
+    return outputs
 
 
 def _atomic_save(obj: object, path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
+import scripts.training as training
 from scripts.networks import MoME
 from scripts.training import (
     PatchSampler,
@@ -155,6 +156,32 @@ def test_smoke_training_decreases_the_loss(tmp_path):
     losses = [r["loss"] for r in history]
     assert losses[-1] < 0.8 * losses[0], losses
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "model_final.pt").is_file()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_trains_in_bfloat16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)  # emulated where not native: same math
+    torch.manual_seed(0)
+    network = build_unet(1, 2, **TOPOLOGY)
+    logits = []
+    network.register_forward_hook(lambda module, args, out: logits.extend(out if isinstance(out, list) else [out]))
+    trainer = _trainer(tmp_path, network, _cases(), epochs=6, iterations_per_epoch=5, augmentation=None, cpu_bf16=True)
+    history = trainer.run()
+    assert {t.dtype for t in logits} == {torch.bfloat16 if native else torch.float32}
+    assert all(p.dtype == torch.float32 for p in network.parameters())  # weights and optimiser stay float32
+    losses = [r["loss"] for r in history]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_mome_losses_are_computed_in_float32_under_cpu_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    trainer = _trainer(tmp_path, _mome(), _cases(), epochs=1, iterations_per_epoch=2, cpu_bf16=True)
+    seen, loss = [], trainer.loss
+    trainer.loss = lambda outputs, *args: seen.append(outputs) or loss(outputs, *args)
+    history = trainer.run()
+    fused, experts = seen[0]["fused"], seen[0]["experts"]
+    assert {t.dtype for t in [*fused, *(t for levels in experts for t in levels)]} == {torch.float32}
+    assert np.isfinite(history[0]["fused"]) and np.isfinite(history[0]["expert"])
 
 
 def test_mome_smoke_training_decreases_both_loss_terms(tmp_path):
