@@ -8,4 +8,4 @@ from app.runtime import preload_cuda_runtime
 
 preload_cuda_runtime()
 
-__version__ = "0.7.1"
+__version__ = "0.8.0"

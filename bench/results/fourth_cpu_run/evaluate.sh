@@ -1,0 +1,18 @@
+#!/bin/bash
+# Evaluations of the fourth run: every case of the validation split (seed 2, 20 subjects, 65 cases) and of the
+# held-out split (seed 1, 20 subjects, 44 cases), whole volumes, `mome-eval --profile fast` (bf16 where native),
+# 64^3 tiles, one thread per run, two runs side by side. MODELS: names of <work>/bundle_<name> copies of the bundle.
+set -e
+cd "$(dirname "$0")/../../.."
+W=$(cd .train7 && pwd)
+for seed in 1 2; do
+  [ -f $W/data_seed$seed/dataset.json ] || (cd bundle && PYTHONPATH=. ../.venv/bin/python -m scripts.synthetic \
+    --out $W/data_seed$seed --cases 20 --seed $seed --quiet)
+done
+for name in ${MODELS:-new}; do
+  for data in ${SPLITS:-seed2 seed1}; do
+    OMP_NUM_THREADS=1 .venv/bin/mome-eval --data $W/data_$data --model $W/bundle_$name --profile fast \
+      --device cpu --out $W/eval_${name}_$data.json > $W/eval_${name}_$data.log 2>&1 &
+  done
+done
+wait
