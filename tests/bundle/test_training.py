@@ -336,3 +336,27 @@ def test_classifier_warm_up_trains_only_the_classifier_before_the_first_epoch(tm
     assert all(torch.equal(a, b) for a, b in zip(gate_before, network.gate.parameters()))
     with pytest.raises(ValueError, match="classifier_warmup_steps"):
         _trainer(tmp_path / "plain", _mome(), _cases(), classifier_warmup_steps=5)
+
+
+@pytest.mark.parametrize("config", ["train_expert.json", "train.json"])
+def test_split_seed_fixes_the_validation_subjects_whatever_the_sampling_seed(tmp_path, config):
+    from monai.bundle import ConfigParser
+
+    cases = [
+        {"image": f"s{i}_{m}.nii.gz", "label": f"l{i}_{m}.nii.gz", "modality": m, "subject": f"s{i}"}
+        for i in range(20)
+        for m in ("t1", "flair")
+    ]
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": cases}))
+
+    def validation_subjects(**overrides) -> set:
+        parser = ConfigParser()
+        parser.read_config(REPO / "bundle" / "configs" / config)
+        parser.update({"bundle_root": str(REPO / "bundle"), "dataset_dir": str(tmp_path), "val_fraction": 0.25})
+        parser.update({"expert_modality": "t1", **overrides})
+        return {c["subject"] for c in parser.get_parsed_content("validate#datalist")}
+
+    default = validation_subjects()
+    assert len(default) == 5
+    assert validation_subjects(seed=3) != default  # by default the split follows the sampling seed (recorded recipes)
+    assert validation_subjects(seed=3, split_seed=0) == default
