@@ -48,6 +48,8 @@ __all__ = [
     "ProfileInferer",
     "ProfileSettings",
     "auto_batch_size",
+    "autocast",
+    "autocast_precision",
     "available_memory_bytes",
     "cpu_has_native_bf16",
     "recoverable",
@@ -105,6 +107,22 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast_precision(device: torch.device, cuda_amp: bool, cpu_bf16: bool) -> str:
+    """``"float16"`` (CUDA with ``cuda_amp``), ``"bfloat16"`` (a native-bf16 CPU with ``cpu_bf16``) or ``"float32"``."""
+    if device.type == "cuda" and cuda_amp:
+        return "float16"
+    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of :func:`autocast_precision`'s ``precision`` on ``device`` (a no-op for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -221,17 +239,7 @@ class ProfileInferer(Inferer):
 
     def precision(self, device: torch.device) -> str:
         """``"float16"`` (CUDA autocast), ``"bfloat16"`` (CPU autocast) or ``"float32"`` on ``device``."""
-        if device.type == "cuda" and self.settings.cuda_amp:
-            return "float16"
-        if device.type == "cpu" and self.settings.cpu_bf16 and cpu_has_native_bf16():
-            return "bfloat16"
-        return "float32"
-
-    def _autocast(self, device: torch.device):
-        precision = self.precision(device)
-        if precision == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=getattr(torch, precision))
+        return autocast_precision(device, self.settings.cuda_amp, self.settings.cpu_bf16)
 
     def tile_fits(self, tile: Sequence[int], network: Any, device: torch.device) -> bool:
         """Whether a tile of this size is expected to fit in the free memory of ``device``."""
@@ -260,7 +268,7 @@ class ProfileInferer(Inferer):
         if tile != self.roi_size and not self.tile_fits(tile, network, device):
             self.last_run["fallback"] = f"tiles of {list(tile)} exceed the memory budget"
             tile = self.roi_size
-        with self._autocast(device):
+        with autocast(device, self.precision(device)):
             outputs = self._run_tiles(images, network, device, tile, **kwargs)
         outputs = outputs.float()
         if isinstance(inputs, MetaTensor):

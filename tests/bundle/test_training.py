@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
-import scripts.training as training
+import scripts.profiles as profiles
 from scripts.networks import MoME
 from scripts.training import (
     PatchSampler,
@@ -160,7 +160,7 @@ def test_smoke_training_decreases_the_loss(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_bf16_trains_in_bfloat16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, native):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)  # emulated where not native: same math
+    monkeypatch.setattr(profiles, "cpu_has_native_bf16", lambda: native)  # emulated where not native: same math
     torch.manual_seed(0)
     network = build_unet(1, 2, **TOPOLOGY)
     logits = []
@@ -174,7 +174,7 @@ def test_cpu_bf16_trains_in_bfloat16_only_on_cpus_with_native_bf16(tmp_path, mon
 
 
 def test_mome_losses_are_computed_in_float32_under_cpu_bf16(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(profiles, "cpu_has_native_bf16", lambda: True)
     trainer = _trainer(tmp_path, _mome(), _cases(), epochs=1, iterations_per_epoch=2, cpu_bf16=True)
     seen, loss = [], trainer.loss
     trainer.loss = lambda outputs, *args: seen.append(outputs) or loss(outputs, *args)

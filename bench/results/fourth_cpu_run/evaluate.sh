@@ -1,7 +1,8 @@
 #!/bin/bash
 # Evaluations of the fourth run: every case of the validation split (seed 2, 20 subjects, 65 cases) and of the
 # held-out split (seed 1, 20 subjects, 44 cases), whole volumes, `mome-eval --profile fast` (bf16 where native),
-# 64^3 tiles, one thread per run, two runs side by side. MODELS: names of <work>/bundle_<name> copies of the bundle.
+# 64^3 tiles, one thread per run, two runs side by side. MODELS: names of <work>/bundle_<name> copies of the bundle;
+# `new` (default) is made here with stage 2's weights, `base` with 0.7.0's (start.pt).
 set -e
 cd "$(dirname "$0")/../../.."
 W=$(cd .train7 && pwd)
@@ -10,6 +11,10 @@ for seed in 1 2; do
     --out $W/data_seed$seed --cases 20 --seed $seed --quiet)
 done
 for name in ${MODELS:-new}; do
+  weights=$([ $name = base ] && echo $W/start.pt || echo $W/${NAME:-gate64}/model.pt)
+  if [ ! -d $W/bundle_$name ]; then
+    cp -r bundle $W/bundle_$name && rm -rf $W/bundle_$name/training && cp $weights $W/bundle_$name/models/model.pt
+  fi
   for data in ${SPLITS:-seed2 seed1}; do
     OMP_NUM_THREADS=1 .venv/bin/mome-eval --data $W/data_$data --model $W/bundle_$name --profile fast \
       --device cpu --out $W/eval_${name}_$data.json > $W/eval_${name}_$data.log 2>&1 &

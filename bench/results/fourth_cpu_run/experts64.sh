@@ -1,12 +1,16 @@
 #!/bin/bash
 # Fourth run, stage 1: the T1, T1ce and T2 experts of demo MoME 0.7.0 fine-tuned on 64^3 patches (bfloat16 autocast on
 # CPUs with native bf16), three lanes with one thread each on two cores. Resumable: re-run this script.
-# Needs <repo>/.train7/init/<modality>.pt (the experts of models/model.pt 0.7.0, see README.md).
+# Start: the experts of demo MoME 0.7.0 (models/model.pt of commit ab09339, written to <repo>/.train7/start.pt).
 set -e
 cd "$(dirname "$0")/../../../bundle"
-W=$(cd ../.train7 && pwd)
+mkdir -p ../.train7 && W=$(cd ../.train7 && pwd)
+[ -f $W/start.pt ] || git show ab09339:bundle/models/model.pt > $W/start.pt
 export PYTHONPATH=$PWD OMP_NUM_THREADS=${THREADS:-1}
 PY=../.venv/bin/python
+for m in t1 t1ce t2; do
+  [ -f $W/init/$m.pt ] || $PY ../bench/results/fourth_cpu_run/assemble.py extract $W $W/start.pt $m
+done
 [ -f $W/data_seed0/dataset.json ] || $PY -m scripts.synthetic --out $W/data_seed0 --cases 120 --seed 0 --quiet
 expert() {
   m=$1; epochs=$2; out=$W/experts/$m; mkdir -p $out

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../../../bundle"
 W=$(cd ../.train7 && pwd)
 export PYTHONPATH=$PWD OMP_NUM_THREADS=${THREADS:-2}
 PY=../.venv/bin/python
-[ -f $W/assembled.pt ] || $PY ../bench/results/fourth_cpu_run/assemble.py $W models/model.pt t1 t1ce t2
+[ -f $W/assembled.pt ] || $PY ../bench/results/fourth_cpu_run/assemble.py replace $W $W/start.pt t1 t1ce t2
 out=$W/${NAME:-gate64}; mkdir -p $out
 EPOCHS=${EPOCHS:-20}
 $PY -m monai.bundle run --config_file configs/train.json --bundle_root . \
