@@ -62,12 +62,17 @@ def modality_index(modality: str, modalities: Sequence[str]) -> int:
 
 
 def read_datalist(
-    dataset_json: str, modalities: Sequence[str] | None = None, key: str = "training"
+    dataset_json: str | Sequence[str], modalities: Sequence[str] | None = None, key: str = "training"
 ) -> List[Dict[str, object]]:
-    """Cases of a dataset JSON (paths made absolute), optionally only those of ``modalities``.
+    """Cases of one or more dataset JSONs (paths made absolute), optionally only those of ``modalities``.
 
-    The modality of a case comes from its ``"modality"`` field, never from its file name.
+    The modality of a case comes from its ``"modality"`` field, never from its file name. Several datasets (e.g.
+    ``--dataset_json "['a/dataset.json', 'b/dataset.json']"``) are concatenated in the order given, each with paths
+    relative to its own folder; a subject ID present in two of them is refused, as the validation split groups cases
+    by subject and would join two different people.
     """
+    if not isinstance(dataset_json, (str, Path)):
+        return _concatenate_datalists([read_datalist(str(j), modalities, key) for j in dataset_json], dataset_json)
     path = Path(dataset_json)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset JSON not found (make one with `python -m scripts.synthetic`).")
@@ -81,6 +86,21 @@ def read_datalist(
     if not cases:
         raise ValueError(f"{path}: no cases with modality in {list(modalities or [])}.")
     return cases
+
+
+def _subject(case: Dict[str, object]) -> str:
+    return str(case.get("subject", case.get("case", case["image"])))
+
+
+def _concatenate_datalists(datalists: Sequence[List[Dict[str, object]]], sources: Sequence[str]) -> List[Dict]:
+    if not datalists:
+        raise ValueError("no dataset JSON given.")
+    owner: Dict[str, str] = {}
+    for cases, source in zip(datalists, sources):
+        for subject in {_subject(c) for c in cases}:
+            if owner.setdefault(subject, str(source)) != str(source):
+                raise ValueError(f"subject {subject!r} is in both {owner[subject]} and {source}; rename one of them.")
+    return [case for cases in datalists for case in cases]
 
 
 def read_plus_datalist(dataset_json: str, modalities: Sequence[str], key: str = "training") -> List[Dict[str, object]]:
@@ -110,12 +130,12 @@ def split_by_subject(
     """Deterministic train/validation split that keeps all contrasts of a subject on the same side."""
     if part not in ("train", "val"):
         raise ValueError(f"part must be 'train' or 'val', got {part!r}.")
-    subjects = sorted({str(c.get("subject", c.get("case", c["image"]))) for c in cases})
+    subjects = sorted({_subject(c) for c in cases})
     order = np.random.default_rng(seed).permutation(len(subjects))
     n_val = min(len(subjects) - 1, max(1, int(round(val_fraction * len(subjects))))) if val_fraction > 0 else 0
     val = {subjects[i] for i in order[:n_val]}
     keep = (lambda s: s in val) if part == "val" else (lambda s: s not in val)
-    return [c for c in cases if keep(str(c.get("subject", c.get("case", c["image"]))))]
+    return [c for c in cases if keep(_subject(c))]
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:

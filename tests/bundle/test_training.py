@@ -115,6 +115,25 @@ def test_read_datalist_uses_the_modality_field(tmp_path):
         read_datalist(str(tmp_path / "bad.json"))
 
 
+def test_read_datalist_concatenates_datasets_and_refuses_a_shared_subject(tmp_path):
+    def dataset(folder, subjects):
+        (tmp_path / folder).mkdir()
+        entries = [
+            {"image": f"imagesTr/{s}_0000.nii.gz", "label": f"labelsTr/{s}.nii.gz", "subject": s, "modality": "t1"}
+            for s in subjects
+        ]
+        (tmp_path / folder / "dataset.json").write_text(json.dumps({"training": entries}))
+        return str(tmp_path / folder / "dataset.json")
+
+    first, second, clash = dataset("a", ["s1", "s2"]), dataset("b", ["s3"]), dataset("c", ["s2"])
+    cases = read_datalist([first, second], ["t1"])
+    assert [c["subject"] for c in cases] == ["s1", "s2", "s3"]
+    # Each dataset's paths are relative to its own folder.
+    assert Path(cases[2]["image"]) == tmp_path / "b" / "imagesTr" / "s3_0000.nii.gz"
+    with pytest.raises(ValueError, match="'s2' is in both"):
+        read_datalist([first, clash])
+
+
 def test_resume_continues_exactly(tmp_path):
     """4 iterations in one go == 2 iterations, a new process-like Trainer resuming, 2 more iterations."""
     cases = _cases()
