@@ -8,16 +8,8 @@ cd "$(dirname "$0")/../../.."
 W=$(cd .train8 && pwd)
 if [ ! -d $W/bundle_rerun_t1 ]; then
   cp -r bundle $W/bundle_rerun_t1 && rm -rf $W/bundle_rerun_t1/training
-  .venv/bin/python - "$W" <<'PY'
-import sys
-import torch
-work = sys.argv[1]
-state = torch.load(f"{work}/bundle_rerun_t1/models/model.pt", weights_only=True)
-expert = torch.load(f"{work}/experts_rerun/t1/model.pt", weights_only=True)
-assert sorted(k[len("experts.0."):] for k in state if k.startswith("experts.0.")) == sorted(expert)
-state.update({f"experts.0.{k}": v for k, v in expert.items()})
-torch.save(state, f"{work}/bundle_rerun_t1/models/model.pt")
-PY
+  .venv/bin/python bench/results/fourth_cpu_run/assemble.py replace $W $W/bundle_rerun_t1/models/model.pt t1 \
+    --experts experts_rerun --out $W/bundle_rerun_t1/models/model.pt
 fi
 for seed in 1 2; do
   cases=$(.venv/bin/python -c "import json; print(' '.join(c['case'] for c in json.load(open('$W/data_seed$seed/dataset.json'))['training'] if c['modality'] == 't1'))")

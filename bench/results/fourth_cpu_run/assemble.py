@@ -2,9 +2,10 @@
 
 python assemble.py extract WORK START MODALITY...   # START's experts -> WORK/init/<modality>.pt
 python assemble.py replace WORK START MODALITY...   # START + WORK/experts/<modality>/model.pt -> WORK/assembled.pt
+    [--experts NAME] [--out FILE]                   # WORK/NAME/<modality>/model.pt instead; another output file
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -26,17 +27,28 @@ def extract(work: Path, start: Path, modalities: list[str]) -> None:
         print(f"extracted {prefix}* ({modality}): {len(expert)} tensors")
 
 
-def replace(work: Path, start: Path, modalities: list[str]) -> None:
+def replace(work: Path, start: Path, modalities: list[str], experts: str = "experts", out: Path | None = None) -> None:
     state = torch.load(start, map_location="cpu", weights_only=True)
     for modality in modalities:
         prefix = _prefix(modality)
-        expert = torch.load(work / "experts" / modality / "model.pt", map_location="cpu", weights_only=True)
+        expert = torch.load(work / experts / modality / "model.pt", map_location="cpu", weights_only=True)
         if sorted(k[len(prefix) :] for k in state if k.startswith(prefix)) != sorted(expert):
             raise KeyError(f"{modality}: the expert's keys differ from {start}'s")
         state.update({prefix + k: v for k, v in expert.items()})
         print(f"replaced {prefix}* ({modality}): {len(expert)} tensors")
-    torch.save(state, work / "assembled.pt")
+    torch.save(state, out or work / "assembled.pt")
 
 
 if __name__ == "__main__":
-    {"extract": extract, "replace": replace}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("extract", "replace"))
+    parser.add_argument("work", type=Path)
+    parser.add_argument("start", type=Path)
+    parser.add_argument("modalities", nargs="+", choices=MODALITIES)
+    parser.add_argument("--experts", default="experts", help="replace: folder of the experts under WORK")
+    parser.add_argument("--out", type=Path, help="replace: output file (default WORK/assembled.pt)")
+    args = parser.parse_args()
+    if args.command == "extract":
+        extract(args.work, args.start, args.modalities)
+    else:
+        replace(args.work, args.start, args.modalities, args.experts, args.out)
