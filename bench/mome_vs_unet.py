@@ -1,20 +1,24 @@
-"""Trains the demo MoME and an equal-compute universal U-Net on synthetic data and compares them on held-out seeds.
+"""The shipped demo MoME against a universal U-Net trained with the same compute, on held-out synthetic seeds.
 
-Steps (each skipped when its output exists, so an interrupted run continues):
+Issue 3's benchmark: a single U-Net of about the demo MoME's parameter count (features 20-40-80-156: 2,144,654
+parameters; the demo MoME 2,137,045) is trained on all five contrasts of the same synthetic data as the demo MoME
+(seed 0, 120 subjects, plus seed 3, 160 T1/T1ce subjects), for as many iterations as cost the same as the whole
+training chain of the demo MoME (``bench/training_cost.py`` prices it on one machine; ``bench/demo_chain.json``
+lists the stages). Both are then evaluated with ``mome-eval --profile fast`` on held-out seeds that no training or
+choice has seen (seeds 1 and 5, 20 subjects each), and the per-modality Dice is reported side by side.
 
-1. synthetic data: training set (``--train-seed``) and held-out test set (``--test-seed``);
-2. five experts, one per modality (``configs/train_expert.json``);
-3. joint MoME with the curriculum (``configs/train.json``);
-4. a single U-Net of about the same parameter count on all modalities, given the same training compute: its
-   iteration count is the MoME recipe's measured CPU seconds divided by its own measured seconds per iteration;
-5. ``mome-eval`` of both on the test set; results JSON + Markdown in ``bench/results/``.
+The U-Net's recipe is the experts' from-scratch recipe: AdamW lr 1e-3, poly decay, batch 2, foreground oversampling
+0.5, 64^3 patches (the demo's inference tile), bfloat16 autocast where the CPU computes it natively.
 
-``--parallel`` runs the MoME chain and the U-Net side by side with one thread each (equal hardware, same wall time).
-The MoME's ``model.pt`` is the bundle's demo model; ``--export-demo`` copies it to ``bundle/models/model.pt``.
+The training takes hours on a CPU and is resumable at every epoch. ``--minutes M`` stops it after M minutes (the
+epoch in flight is lost); ``--keep-state`` then copies the resume state into ``bench/results/mome_vs_unet/`` so a
+later session (whose work folder is new) can continue from it: a run with no state in its work folder starts from
+that copy.
 
-Usage (from the repository root, inside the venv)::
+Usage (repository root, inside the venv)::
 
-    python bench/mome_vs_unet.py --workdir .train [--parallel] [--export-demo]
+    python bench/training_cost.py                      # once per machine: the equal-compute iteration count
+    python bench/mome_vs_unet.py --workdir .bench [--minutes 100 --keep-state]
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,24 +36,24 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 RESULTS = REPO / "bench" / "results"
+STATE = RESULTS / "mome_vs_unet"
+STATE_FILES = ("checkpoint_latest.pt", "train_log.jsonl", "model.pt")
+ADAMW = "$torch.optim.AdamW(@network.parameters(), lr=@learning_rate, weight_decay=3e-5)"
 
-# The demo recipe (see bundle/docs/README.md); override on the command line.
-DEFAULTS = {
-    "train_subjects": 120,
-    "test_subjects": 24,
-    "train_seed": 0,
-    "test_seed": 1,
-    "expert_epochs": 32,
-    "expert_iterations": 25,
-    "expert_lr": 0.001,
-    "joint_epochs": 20,
-    "gate_warmup_epochs": 6,
-    "joint_iterations": 25,
-    "joint_lr": 0.001,
-    "optimizer": "adamw",
+# name -> (seed, subjects, extra generator arguments): the demo MoME's training data and the held-out test seeds.
+TRAIN_DATA = {
+    "data_seed0": (0, 120, []),
+    "data_seed3": (3, 160, ["--modalities", "t1", "t1ce", "--lesion-types", "glioma=0.35,stroke_chronic=0.3,wmh=0.35"]),
+}
+TEST_DATA = {"data_seed1": (1, 20, []), "data_seed5": (5, 20, [])}
+UNET = {
+    "features_per_stage": [20, 40, 80, 156],
+    "patch_size": [64, 64, 64],
+    "learning_rate": 0.001,
+    "iterations_per_epoch": 25,
     "foreground_fraction": 0.5,
-    "unet_features": [20, 40, 80, 156],
     "seed": 0,
+    "split_seed": 2,
 }
 
 
@@ -61,253 +64,185 @@ def _env(threads: int | None) -> dict:
     return env
 
 
-def _bundle_run(config: str, overrides: dict, log: Path, threads: int | None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}", "--bundle_root", "."]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(log, "a")
-    return subprocess.Popen(args, cwd=BUNDLE, env=_env(threads), stdout=handle, stderr=subprocess.STDOUT)
-
-
-def _wait(process: subprocess.Popen, what: str) -> None:
-    if process.wait() != 0:
-        raise SystemExit(f"{what} failed (exit {process.returncode}); see its log.")
-
-
-def generate(workdir: Path, seed: int, subjects: int) -> Path:
-    out = workdir / f"data_seed{seed}"
+def generate(workdir: Path, name: str, spec: tuple) -> Path:
+    seed, subjects, extra = spec
+    out = workdir / name
     if not (out / "dataset.json").is_file():
         cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(out), "--cases", str(subjects)]
-        subprocess.run([*cmd, "--seed", str(seed), "--quiet"], cwd=BUNDLE, env=_env(None), check=True)
+        subprocess.run([*cmd, "--seed", str(seed), "--quiet", *extra], cwd=BUNDLE, env=_env(None), check=True)
     return out
 
 
-OPTIMIZERS = {
-    "sgd": None,  # the configs' default: SGD, Nesterov, momentum 0.99, weight decay 3e-5 (upstream)
-    "adamw": "$torch.optim.AdamW(@network.parameters(), lr=@learning_rate, weight_decay=3e-5)",
-}
+def unet_overrides(train_data: list[Path], out: Path, iterations: int) -> dict:
+    """``train_expert.json`` overrides that train the universal U-Net on all modalities of ``train_data``."""
+    epochs = max(1, round(iterations / UNET["iterations_per_epoch"]))
+    return {
+        "dataset_json": repr([str(d / "dataset.json") for d in train_data]),
+        "train_modalities": "$@modalities",
+        "optimizer": ADAMW,
+        "output_dir": str(out),
+        "epochs": epochs,
+        "progress": "False",
+        **{key: value for key, value in UNET.items()},
+    }
 
 
-def _common(cfg: dict, data: Path) -> dict:
-    overrides = {"dataset_dir": str(data), "seed": cfg["seed"], "progress": "False"}
-    overrides["foreground_fraction"] = cfg["foreground_fraction"]
-    if OPTIMIZERS[cfg["optimizer"]]:
-        overrides["optimizer"] = OPTIMIZERS[cfg["optimizer"]]
-    return overrides
+def _bundle_args(config: str, overrides: dict) -> list[str]:
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}", "--bundle_root", "."]
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
 
 
-def train_experts(cfg: dict, workdir: Path, data: Path, threads: int | None) -> list[Path]:
-    paths = []
-    for modality in MODALITIES:
-        out = workdir / "experts" / modality
-        if not (out / "model_final.pt").is_file():
-            overrides = {
-                **_common(cfg, data),
-                "expert_modality": modality,
-                "output_dir": str(out),
-                "epochs": cfg["expert_epochs"],
-                "iterations_per_epoch": cfg["expert_iterations"],
-                "learning_rate": cfg["expert_lr"],
-            }
-            _wait(_bundle_run("train_expert.json", overrides, out / "train.log", threads), f"expert {modality}")
-        paths.append(out / "model.pt")
-    return paths
+def restore_state(out: Path) -> bool:
+    """Copies a kept resume state into an empty work folder; True when it did."""
+    if (out / "checkpoint_latest.pt").is_file() or not (STATE / "checkpoint_latest.pt").is_file():
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES:
+        if (STATE / name).is_file():
+            shutil.copy2(STATE / name, out / name)
+    return True
 
 
-def train_mome(cfg: dict, workdir: Path, data: Path, experts: list[Path], threads: int | None) -> Path:
-    out = workdir / "mome"
-    if not (out / "model_final.pt").is_file():
-        overrides = {
-            **_common(cfg, data),
-            "output_dir": str(out),
-            "expert_checkpoints": [str(p) for p in experts],
-            "epochs": cfg["joint_epochs"],
-            "iterations_per_epoch": cfg["joint_iterations"],
-            "learning_rate": cfg["joint_lr"],
-            "gate_warmup_epochs": cfg["gate_warmup_epochs"],
-        }
-        _wait(_bundle_run("train.json", overrides, out / "train.log", threads), "joint MoME")
-    return out
+def keep_state(out: Path) -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES:
+        if (out / name).is_file():
+            shutil.copy2(out / name, STATE / name)
 
 
-def train_unet(cfg: dict, workdir: Path, data: Path, iterations: int, threads: int | None) -> Path:
-    out = workdir / "unet"
-    if not (out / "model_final.pt").is_file():
-        per_epoch = cfg["joint_iterations"]
-        overrides = {
-            **_common(cfg, data),
-            "train_modalities": list(MODALITIES),
-            "features_per_stage": cfg["unet_features"],
-            "output_dir": str(out),
-            "epochs": max(1, round(iterations / per_epoch)),
-            "iterations_per_epoch": per_epoch,
-            "learning_rate": cfg["expert_lr"],
-        }
-        _wait(_bundle_run("train_expert.json", overrides, out / "train.log", threads), "universal U-Net")
-    return out
+def train_unet(train_data: list[Path], out: Path, iterations: int, threads: int | None, minutes: float | None) -> bool:
+    """Trains (or resumes) the U-Net; True when it has finished, False when ``minutes`` ran out first."""
+    if (out / "model_final.pt").is_file():
+        return True
+    if restore_state(out):
+        print(f"resuming from the kept state in {STATE}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    args = _bundle_args("train_expert.json", unet_overrides(train_data, out, iterations))
+    with open(out / "train.log", "a") as log:
+        process = subprocess.Popen(args, cwd=BUNDLE, env=_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            process.wait(timeout=None if minutes is None else minutes * 60)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait()
+            return False
+    if process.returncode != 0:
+        raise SystemExit(f"U-Net training failed (exit {process.returncode}); see {out / 'train.log'}.")
+    return True
 
 
-def seconds_per_iteration(features: list[int] | None, mome: bool, threads: int | None) -> float:
-    """Median seconds of one training iteration (batch 2, bundle patch size) after two warm-up steps."""
-    code = f"""
-import json, time, statistics, torch
-from monai.bundle import ConfigParser
-from scripts.networks import MoME
-from scripts.training import build_unet
-from scripts.losses import MoMELoss, nnunet_deep_supervision_loss
-p = ConfigParser(); p.read_config('configs/train.json')
-keys = ['features_per_stage', 'kernel_sizes', 'strides', 'n_conv_per_stage', 'n_conv_per_stage_decoder']
-topo = {{k: p[k] for k in keys}}
-if {features!r}: topo['features_per_stage'] = {features!r}
-net = MoME(5, 1, 2, **topo) if {mome} else build_unet(1, 2, **topo)
-net.train().to(memory_format=torch.channels_last_3d)
-levels = len(topo['features_per_stage']) - 1
-loss_fn = MoMELoss(levels) if {mome} else nnunet_deep_supervision_loss(levels)
-opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-x = torch.randn(2, 1, *p['patch_size']).contiguous(memory_format=torch.channels_last_3d)
-y = (torch.rand(2, 1, *p['patch_size']) > 0.9).float()
-times = []
-for i in range(6):
-    t = time.perf_counter(); out = net(x)
-    loss = loss_fn(out, y, torch.tensor([0, 3]), 0.5)['loss'] if {mome} else loss_fn(out, y)
-    opt.zero_grad(); loss.backward(); opt.step(); times.append(time.perf_counter() - t)
-print(json.dumps(statistics.median(times[2:])))
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=BUNDLE, env=_env(threads), capture_output=True, text=True, check=True
-    )
-    return float(result.stdout.strip().splitlines()[-1])
-
-
-def make_eval_bundle(model_dir: Path, target: Path, features: list[int] | None, unet: bool) -> Path:
-    """A runnable bundle (template configs and scripts) with the trained weights; a U-Net variant for the baseline."""
+def make_eval_bundle(model: Path, target: Path) -> Path:
+    """A runnable copy of the bundle whose network is the U-Net, with its trained weights."""
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns("models", "training", "__pycache__", "data"))
     (target / "models").mkdir()
-    shutil.copy2(model_dir / "model.pt", target / "models" / "model.pt")
+    shutil.copy2(model, target / "models" / "model.pt")
     config_path = target / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
-    if features:
-        config["features_per_stage"] = features
-    if unet:
-        arguments = ("in_channels", "num_classes", "features_per_stage", "kernel_sizes", "strides")
-        arguments += ("n_conv_per_stage", "n_conv_per_stage_decoder")
-        config["network_def"] = {"_target_": "scripts.training.build_unet", **{k: f"@{k}" for k in arguments}}
+    config["features_per_stage"] = UNET["features_per_stage"]
+    arguments = ("in_channels", "num_classes", "features_per_stage", "kernel_sizes", "strides")
+    arguments += ("n_conv_per_stage", "n_conv_per_stage_decoder")
+    config["network_def"] = {"_target_": "scripts.training.build_unet", **{k: f"@{k}" for k in arguments}}
     config_path.write_text(json.dumps(config, indent=4))
     return target
 
 
-def evaluate(bundle: Path, data: Path, out: Path) -> dict:
+def evaluate(bundle: Path, data: Path, out: Path, threads: int | None) -> dict:
     if not out.is_file():
         cmd = [sys.executable, "-m", "app.cli_eval", "--data", str(data), "--model", str(bundle), "--out", str(out)]
-        subprocess.run(cmd, cwd=REPO, env={**os.environ}, check=True)
+        cmd += ["--profile", "fast", "--device", "cpu"]
+        subprocess.run(cmd, cwd=REPO, env=_env(threads), check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def _train_seconds(model_dir: Path) -> float:
-    log = model_dir / "train_log.jsonl"
-    return sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip())
+def pooled(results: list[dict]) -> dict[str, dict]:
+    """Per modality over several evaluations: case count and mean Dice over all their cases."""
+    dice: dict[str, list[float]] = {}
+    for result in results:
+        for case in result["per_case"]:
+            dice.setdefault(case["modality"], []).append(case["dice"])
+    return {m: {"n": len(v), "dice": sum(v) / len(v)} for m, v in dice.items()}
 
 
 def summary_markdown(report: dict) -> str:
     lines = [
-        "# Demo MoME vs equal-compute universal U-Net (synthetic data, held-out seed)",
+        "# Demo MoME vs an equal-compute universal U-Net (synthetic data, held-out seeds)",
         "",
         f"Machine: {report['machine']}. Training: {report['training']}.",
         "",
-        "| modality | n | MoME Dice | U-Net Dice | difference |",
-        "|---|---|---|---|---|",
+        "| split | modality | n | MoME Dice | U-Net Dice | difference |",
+        "|---|---|---|---|---|---|",
     ]
-    mome, unet = report["mome"]["per_modality"], report["unet"]["per_modality"]
-    for modality in MODALITIES:
-        if modality in mome:
-            a, b = mome[modality]["dice"], unet[modality]["dice"]
-            lines.append(f"| {modality} | {mome[modality]['n']} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
-    a, b = report["mome"]["mean_dice"], report["unet"]["mean_dice"]
-    lines.append(f"| **mean of modalities** | | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
+    for split, both in report["splits"].items():
+        means = []
+        for modality in MODALITIES:
+            if modality in both["mome"]:
+                a, b = both["mome"][modality]["dice"], both["unet"][modality]["dice"]
+                means.append((a, b))
+                n = both["mome"][modality]["n"]
+                lines.append(f"| {split} | {modality} | {n} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+        a, b = (sum(x) / len(means) for x in zip(*means))
+        lines.append(f"| {split} | **mean of modalities** | | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / ".train")
-    parser.add_argument("--parallel", action="store_true", help="MoME and U-Net side by side, one thread each")
-    parser.add_argument("--export-demo", action="store_true", help="copy the MoME model to bundle/models/model.pt")
-    for key, value in DEFAULTS.items():
-        many = isinstance(value, list)
-        kind = int if many else type(value)
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value, nargs="+" if many else None)
+    parser.add_argument("--workdir", type=Path, default=REPO / ".bench")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of training and evaluation")
+    parser.add_argument("--cost", type=Path, default=RESULTS / "training_cost.json", help="bench/training_cost.py")
+    parser.add_argument("--minutes", type=float, default=None, help="stop the training after this many minutes")
+    parser.add_argument("--keep-state", action="store_true", help=f"copy the resume state to {STATE}")
     args = parser.parse_args(argv)
-    cfg = {key: getattr(args, key) for key in DEFAULTS}
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.parallel else None
+    if not args.cost.is_file():
+        raise SystemExit(f"{args.cost} is missing: run bench/training_cost.py first.")
+    cost = json.loads(args.cost.read_text())
+    iterations = int(cost["equal_compute"]["unet_iterations"])
 
-    train_data = generate(workdir, cfg["train_seed"], cfg["train_subjects"])
-    test_data = generate(workdir, cfg["test_seed"], cfg["test_subjects"])
-    timing_file = workdir / "timing.json"
-    if not timing_file.is_file():
-        timing = {
-            "expert_s_per_it": seconds_per_iteration(None, False, threads),
-            "mome_s_per_it": seconds_per_iteration(None, True, threads),
-            "unet_s_per_it": seconds_per_iteration(cfg["unet_features"], False, threads),
-            "threads": threads or "default",
-        }
-        mome_cost = len(MODALITIES) * cfg["expert_epochs"] * cfg["expert_iterations"] * timing["expert_s_per_it"]
-        # Gate warm-up iterations cost about half a joint one; counting them in full favours the U-Net.
-        mome_cost += cfg["joint_epochs"] * cfg["joint_iterations"] * timing["mome_s_per_it"]
-        timing["mome_recipe_s"] = mome_cost
-        timing["unet_iterations"] = int(round(mome_cost / timing["unet_s_per_it"]))
-        timing_file.write_text(json.dumps(timing, indent=1))
-    timing = json.loads(timing_file.read_text())
-    print(f"timing: {timing}", flush=True)
-
+    train_data = [generate(workdir, name, spec) for name, spec in TRAIN_DATA.items()]
+    test_data = {name: generate(workdir, name, spec) for name, spec in TEST_DATA.items()}
+    unet_dir = workdir / "unet_equal_compute"
     started = time.time()
-    unet_thread = None
-    if args.parallel:  # the U-Net trains in a subprocess while this thread runs the MoME chain
-        unet_args = (cfg, workdir, train_data, timing["unet_iterations"], 1)
-        unet_thread = threading.Thread(target=train_unet, args=unet_args)
-        unet_thread.start()
-    experts = train_experts(cfg, workdir, train_data, threads)
-    mome_dir = train_mome(cfg, workdir, train_data, experts, threads)
-    if unet_thread is not None:
-        unet_thread.join()
-    unet_dir = train_unet(cfg, workdir, train_data, timing["unet_iterations"], threads)
-    wall = time.time() - started
+    finished = train_unet(train_data, unet_dir, iterations, args.threads, args.minutes)
+    if args.keep_state:
+        keep_state(unet_dir)
+    if not finished:
+        print(f"stopped after {args.minutes} min; run again to continue (state kept: {args.keep_state})")
+        return 0
 
-    mome_bundle = make_eval_bundle(mome_dir, workdir / "bundle_mome", None, unet=False)
-    unet_bundle = make_eval_bundle(unet_dir, workdir / "bundle_unet", cfg["unet_features"], unet=True)
-    mome_eval = evaluate(mome_bundle, test_data, workdir / "eval_mome.json")
-    unet_eval = evaluate(unet_bundle, test_data, workdir / "eval_unet.json")
+    unet_bundle = make_eval_bundle(unet_dir / "model.pt", workdir / "bundle_unet")
+    splits: dict[str, dict] = {}
+    results: dict[str, dict[str, list]] = {"mome": [], "unet": []}
+    for name, data in test_data.items():
+        both = {}
+        for model, bundle in (("mome", BUNDLE), ("unet", unet_bundle)):
+            result = evaluate(bundle, data, workdir / f"eval_{model}_{name}.json", args.threads)
+            results[model].append(result)
+            both[model] = pooled([result])
+        splits[name.replace("data_", "")] = both
+    splits["seeds 1 + 5"] = {model: pooled(values) for model, values in results.items()}
 
-    def digest(result: dict) -> dict:
-        per_modality = {m: {"n": v["n"], "dice": v["dice"]} for m, v in result["per_modality"].items()}
-        return {"per_modality": per_modality, "mean_dice": result["overall"]["mean_of_group_means"]["dice"]}
-
-    mome_train = sum(_train_seconds(workdir / "experts" / m) for m in MODALITIES) + _train_seconds(mome_dir)
     report = {
-        "machine": f"{os.cpu_count()} CPU cores, threads per run: {threads or 'default'}",
+        "machine": cost["machine"],
         "training": (
-            f"MoME = 5 experts x {cfg['expert_epochs'] * cfg['expert_iterations']} it + joint "
-            f"{cfg['joint_epochs'] * cfg['joint_iterations']} it ({mome_train:.0f} s); U-Net "
-            f"{cfg['unet_features']} {timing['unet_iterations']} it ({_train_seconds(unet_dir):.0f} s)"
+            f"demo MoME chain {cost['equal_compute']['chain_seconds']:,.0f} s priced on that machine "
+            f"(bench/results/training_cost.md); U-Net {UNET['features_per_stage']} {iterations:,} iterations"
         ),
-        "config": cfg,
-        "timing": timing,
-        "wall_s": wall,
-        "mome": digest(mome_eval),
-        "unet": digest(unet_eval),
+        "unet": UNET,
+        "unet_iterations": iterations,
+        "wall_s_this_call": time.time() - started,
+        "splits": splits,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mome_vs_unet.json").write_text(json.dumps(report, indent=1))
+    STATE.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mome_vs_unet.json").write_text(json.dumps(report, indent=1) + "\n")
     markdown = summary_markdown(report)
     (RESULTS / "mome_vs_unet.md").write_text(markdown)
     print(markdown)
-    if args.export_demo:
-        shutil.copy2(mome_dir / "model.pt", BUNDLE / "models" / "model.pt")
-        print(f"demo model -> {BUNDLE / 'models' / 'model.pt'}")
     return 0
 
 
