@@ -153,7 +153,7 @@ def make_eval_bundle(model: Path, target: Path) -> Path:
 def evaluate(bundle: Path, data: Path, out: Path, threads: int | None) -> dict:
     if not out.is_file():
         cmd = [sys.executable, "-m", "app.cli_eval", "--data", str(data), "--model", str(bundle), "--out", str(out)]
-        cmd += ["--profile", "fast", "--device", "cpu"]
+        cmd += ["--profile", "fast"]  # mome-eval picks CUDA when there is one
         subprocess.run(cmd, cwd=REPO, env=_env(threads), check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
