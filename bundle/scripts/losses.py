@@ -87,6 +87,9 @@ class MoMELoss(nn.Module):
         modality_weight: weight of the cross-entropy of MoME's optional modality classifier
             (``MoME(modality_classifier=True)``, whose training output has ``modality_logits``) against each
             sample's modality; unknown-modality samples are skipped. Ignored without a classifier.
+        replicas: data-parallel replicas the batch is split over (DDP world size). The summed expert loss of each
+            replica's share is multiplied by it, so that DDP's averaging of the replicas' gradients gives the gradient
+            of the whole batch's sum, as in one process. The other terms are means over the batch and need nothing.
 
     Call with the training output of :class:`scripts.networks.MoME` (``fused``, ``experts``, ``weights``), the
     target ``(B, 1, ...)``, the per-sample expert index ``(B,)`` (``-1`` = unknown modality: the sample then
@@ -102,6 +105,7 @@ class MoMELoss(nn.Module):
         expert_reduction: str = "sum",
         routing_weight: float = 0.0,
         modality_weight: float = 1.0,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
         if expert_reduction not in ("sum", "mean"):
@@ -114,6 +118,7 @@ class MoMELoss(nn.Module):
         self.expert_reduction = expert_reduction
         self.routing_weight = float(routing_weight)
         self.modality_weight = float(modality_weight)
+        self.replicas = int(replicas)
 
     def expert_loss(
         self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, expert_index: torch.Tensor
@@ -129,7 +134,7 @@ class MoMELoss(nn.Module):
         if not terms:
             return target.new_zeros((), dtype=torch.float32)
         total = torch.stack(terms).sum()
-        return total / len(terms) if self.expert_reduction == "mean" else total
+        return total / len(terms) if self.expert_reduction == "mean" else total * self.replicas
 
     def forward(
         self, outputs: Dict[str, list], target: torch.Tensor, expert_index: torch.Tensor, r: float
@@ -190,7 +195,7 @@ class MoMEPlusLoss(nn.Module):
     losses are summed over the batch (``"sum"``, as upstream) or averaged (``"mean"``). Unlike the authors' code as
     committed, where the curriculum is computed and then overwritten by the fused loss, the curriculum is applied:
     ``L = (1 - r)^p * L1 + (1 - (1 - r)^p) * L2``. ``curriculum=False`` reproduces the committed behaviour
-    (fused loss only).
+    (fused loss only). ``replicas``: see :class:`MoMELoss`.
 
     Call with the training output of :class:`scripts.networks.MoMEPlus` (``fused``, ``experts``,
     ``availability``), the target ``(B, 1, ...)`` and the progress ``r``. Returns ``loss``, ``fused``, ``expert``
@@ -198,7 +203,12 @@ class MoMEPlusLoss(nn.Module):
     """
 
     def __init__(
-        self, levels: int, curriculum_exponent: float = 2.0, expert_reduction: str = "sum", curriculum: bool = True
+        self,
+        levels: int,
+        curriculum_exponent: float = 2.0,
+        expert_reduction: str = "sum",
+        curriculum: bool = True,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
         if expert_reduction not in ("sum", "mean"):
@@ -207,6 +217,7 @@ class MoMEPlusLoss(nn.Module):
         self.curriculum_exponent = curriculum_exponent
         self.expert_reduction = expert_reduction
         self.curriculum = curriculum
+        self.replicas = int(replicas)
 
     def expert_loss(
         self, experts: Sequence[Sequence[torch.Tensor]], target: torch.Tensor, availability: torch.Tensor
@@ -227,7 +238,7 @@ class MoMEPlusLoss(nn.Module):
             ]
             per_sample.append(torch.stack(terms).mean())
         total = torch.stack(per_sample).sum()
-        return total / len(per_sample) if self.expert_reduction == "mean" else total
+        return total / len(per_sample) if self.expert_reduction == "mean" else total * self.replicas
 
     def forward(self, outputs: Dict[str, list], target: torch.Tensor, r: float) -> Dict[str, torch.Tensor]:
         weight = curriculum_weight(r, self.curriculum_exponent) if self.curriculum else 0.0

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from monai.data import load_decathlon_datalist
 from monai.transforms import Compose
 from torch import nn
@@ -40,6 +41,7 @@ __all__ = [
     "PatchSampler",
     "PlusPatchSampler",
     "Trainer",
+    "distributed_context",
     "load_experts",
     "load_extending",
     "modality_index",
@@ -212,6 +214,9 @@ class PatchSampler:
         augmentation: optional MONAI dictionary transform applied to each ``{"image", "label"}`` patch; its random
             state is reseeded per sample.
         seed: base seed.
+        rank, world_size: data-parallel shard. ``batch_size`` is the global batch: replica ``rank`` draws samples
+            ``rank * B / W ... (rank + 1) * B / W - 1`` of each iteration, so ``W`` replicas together see exactly the
+            batches of one process.
     """
 
     def __init__(
@@ -222,15 +227,23 @@ class PatchSampler:
         foreground_fraction: float = 0.33,
         augmentation: Callable | None = None,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if not cases:
             raise ValueError("no training cases.")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(
+                f"the batch of {batch_size} cannot be split evenly over {world_size} data-parallel replicas "
+                f"(rank {rank}): make batch_size a multiple of the number of processes."
+            )
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size
         self.foreground_fraction = foreground_fraction
         self.augmentation = augmentation
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self._foreground = [torch.nonzero(torch.as_tensor(c["label"])[0] > 0) for c in self.cases]
 
     def _forced(self, sample: int, rng: np.random.Generator) -> bool:
@@ -284,8 +297,11 @@ class PatchSampler:
             "expert": torch.tensor(int(case.get("expert", UNKNOWN_MODALITY))),
         }
 
-    def batch(self, iteration: int) -> Dict[str, torch.Tensor]:
-        samples = [self.sample(iteration, b) for b in range(self.batch_size)]
+    def batch(self, iteration: int, whole: bool = False) -> Dict[str, torch.Tensor]:
+        """This replica's share of batch ``iteration`` (the whole batch with ``whole=True`` or a single process)."""
+        share = self.batch_size // self.world_size
+        indices = range(self.batch_size) if whole else range(self.rank * share, (self.rank + 1) * share)
+        samples = [self.sample(iteration, b) for b in indices]
         return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
 
@@ -382,6 +398,13 @@ class Trainer:
             on the training sampler's batches): inside the joint loss at lr 1e-3 it stayed at chance for 100
             iterations, so the gate's prior carried no information.
         classifier_warmup_lr: learning rate of that warm-up.
+
+    Data-parallel training: when a ``torch.distributed`` process group is initialised (``torchrun`` with
+    ``configs/multi_gpu_train.json``), the network is wrapped in ``DistributedDataParallel`` and ``batch_size`` is the
+    global batch, split evenly over the processes (nnU-Net's convention): each replica draws its share of exactly the
+    samples one process would draw, the losses are means over the batch (the summed expert loss is scaled by the world
+    size, see :class:`scripts.losses.MoMELoss`), so ``W`` processes follow the single-process run up to the order of
+    floating-point sums. Only rank 0 validates, logs and writes files; every rank resumes from the same checkpoint.
     """
 
     def __init__(
@@ -423,6 +446,7 @@ class Trainer:
         if clip_scope not in ("all", "gate"):
             raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
         self.device = torch.device(device)
+        self.rank, self.world_size = distributed_context()
         self.network = network.to(self.device)
         self.is_mome = isinstance(network, MoME)
         self.is_plus = isinstance(network, MoMEPlus)
@@ -438,14 +462,19 @@ class Trainer:
         self.val_patches = _validation_patches(self._with_expert(val_cases), patch_size) if val_cases else []
         self.dropout = self.is_plus or modality_dropout
         sampler = PlusPatchSampler if self.dropout else PatchSampler
-        self.sampler = sampler(self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed)
+        shard = {"rank": self.rank, "world_size": self.world_size}
+        self.sampler = sampler(
+            self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed, **shard
+        )
         self.num_classes = int(network.num_classes if self.is_mome else network.out_channels)
         self.val_patterns = self._val_patterns(val_patterns) if self.dropout else []
         levels = self._levels(network)
         if self.is_plus:
-            self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum)
+            self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum, self.world_size)
         else:
-            mome_loss = MoMELoss(levels, curriculum_exponent, expert_reduction, gate_routing_weight)
+            mome_loss = MoMELoss(
+                levels, curriculum_exponent, expert_reduction, gate_routing_weight, replicas=self.world_size
+            )
             self.loss = mome_loss if self.is_mome else None
         self.single_loss = None if self.is_mome else nnunet_deep_supervision_loss(levels)
         self.output_dir = Path(output_dir)
@@ -459,6 +488,21 @@ class Trainer:
             raise ValueError("classifier_warmup_steps needs a MoME with a modality classifier.")
         self.classifier_warmup_steps, self.classifier_warmup_lr = int(classifier_warmup_steps), classifier_warmup_lr
         self.start_epoch, self.ema_dice, self.best_ema, self.history = 0, None, -1.0, []
+        self.model = self._data_parallel()
+
+    def _data_parallel(self) -> nn.Module:
+        """The module the training steps call: the network, or its DDP wrapper in a multi-process run."""
+        if self.world_size == 1:
+            return self.network
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        # gate warm-up freezes the experts, so their parameters get no gradient in those epochs
+        unused = bool(self.gate_warmup_epochs)
+        return nn.parallel.DistributedDataParallel(self.network, device_ids=device_ids, find_unused_parameters=unused)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process validates, logs and writes files (rank 0, or the only process)."""
+        return self.rank == 0
 
     def _val_patterns(self, patterns: Sequence[Sequence[int]] | None) -> List[torch.Tensor]:
         """MoME+ validation availability patterns: all modalities, then each one alone (default)."""
@@ -527,9 +571,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             if self.is_plus:
-                outputs = self.network(image, batch[AVAILABILITY_KEY].to(self.device))
+                outputs = self.model(image, batch[AVAILABILITY_KEY].to(self.device))
             else:
-                outputs = self.network(image)
+                outputs = self.model(image)
             if self.precision == "bfloat16":  # the soft Dice sums over whole patches: compute the losses in float32
                 outputs = _to_float(outputs)
             if self.is_plus:
@@ -555,7 +599,7 @@ class Trainer:
         Per modality for MoME and single U-Nets, per availability pattern for MoME+; with more than two classes the
         Dice of each foreground class is pooled separately and averaged.
         """
-        if not self.val_patches:
+        if not self.val_patches or not self.is_main:
             return {}
         self.network.eval()
         counts: Dict[str, np.ndarray] = {}
@@ -604,22 +648,28 @@ class Trainer:
         steps = range(epoch * self.iterations_per_epoch, (epoch + 1) * self.iterations_per_epoch)
         if self.max_iterations is not None:
             steps = range(steps.start, min(steps.stop, self.max_iterations))
-        bar = _progress(steps, bar_desc, self.progress)
+        bar = _progress(steps, bar_desc, self.progress and self.is_main)
         for iteration in bar:
             terms = self.train_step(self.sampler.batch(iteration), r)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        if self.world_size > 1:  # the epoch's mean loss terms over all replicas
+            names = sorted(sums)
+            total = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            sums = {k: float(v) / self.world_size for k, v in zip(names, total.tolist())}
         n = max(len(steps), 1)
         record = {"epoch": epoch, "r": r, "lr": lr, **{k: v / n for k, v in sums.items()}, "iterations": len(steps)}
         return {**record, "gate_warmup": True} if warming_up else record
 
     def run(self) -> List[Dict[str, object]]:
         """Trains until ``epochs`` (or ``max_iterations``); returns the per-epoch history."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.load_checkpoint():
-            _log(f"resumed from {self._checkpoint_path()} at epoch {self.start_epoch}")
+            self._log(f"resumed from {self._checkpoint_path()} at epoch {self.start_epoch}")
         elif self.classifier_warmup_steps:
             self.warm_up_classifier()
         self.network.train()
@@ -632,13 +682,17 @@ class Trainer:
             record["seconds"] = round(time.time() - started, 2)
             self._track_best(record)
             self.history.append(record)
-            self.save_checkpoint(epoch + 1)
-            with open(self.output_dir / LOG, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            _log(_format(record, self.epochs))
-        _atomic_save(self.network.state_dict(), self.output_dir / "model_final.pt")
-        if not (self.output_dir / MODEL).is_file():
-            _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+            if self.is_main:
+                self.save_checkpoint(epoch + 1)
+                with open(self.output_dir / LOG, "a") as log:
+                    log.write(json.dumps(record) + "\n")
+                self._log(_format(record, self.epochs))
+        if self.is_main:
+            _atomic_save(self.network.state_dict(), self.output_dir / "model_final.pt")
+            if not (self.output_dir / MODEL).is_file():
+                _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+        if self.world_size > 1:
+            dist.barrier()  # no replica leaves (and tears the process group down) before rank 0 has written
         return self.history
 
     def warm_up_classifier(self) -> List[float]:
@@ -648,7 +702,8 @@ class Trainer:
         optimizer = torch.optim.Adam(classifier.parameters(), lr=self.classifier_warmup_lr)
         losses = []
         for step in _progress(range(self.classifier_warmup_steps), "modality classifier", self.progress):
-            parts = [self.sampler.batch(step * 4 + j) for j in range(4)]  # 4 training batches per step
+            # 4 whole training batches per step: every replica trains the same copy, so none needs a gradient sync
+            parts = [self.sampler.batch(step * 4 + j, whole=True) for j in range(4)]
             batch = {key: torch.cat([part[key] for part in parts]) for key in ("image", "expert")}
             known = batch["expert"] != UNKNOWN_MODALITY
             if not bool(known.any()):
@@ -660,8 +715,14 @@ class Trainer:
             optimizer.step()
             losses.append(float(loss.detach()))
         tail = losses[-25:] or [math.nan]
-        _log(f"modality classifier warm-up: {len(losses)} steps, cross-entropy {sum(tail) / len(tail):.4f} (last 25)")
+        self._log(
+            f"modality classifier warm-up: {len(losses)} steps, cross-entropy {sum(tail) / len(tail):.4f} (last 25)"
+        )
         return losses
+
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            _log(message)
 
     def _track_best(self, record: Dict[str, object]) -> None:
         dice = record["val_dice"]
@@ -674,6 +735,13 @@ class Trainer:
             self.best_ema = self.ema_dice
             record["best"] = True
             _atomic_save(self.network.state_dict(), self.output_dir / MODEL)
+
+
+def distributed_context() -> Tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _to_float(outputs: object) -> object:
