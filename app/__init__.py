@@ -8,4 +8,4 @@ from app.runtime import preload_cuda_runtime
 
 preload_cuda_runtime()
 
-__version__ = "0.9.0"
+__version__ = "0.9.1"

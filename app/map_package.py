@@ -10,12 +10,12 @@ packager in-process up to the point where it would call Docker, keeping the gene
 Usage (from the repository root)::
 
     python -m app.map_package --out build/map_app                     # stage the application folder only
-    python -m app.map_package --out build/map_app --context build/map_ctx [--tag mome-app:0.9.0] [--bundle bundle]
+    python -m app.map_package --out build/map_app --context build/map_ctx [--tag mome-app:0.9.1] [--bundle bundle]
 
     # with Docker + buildx + network, the real package:
-    monai-deploy package build/map_app -c app/app.yaml -t mome-app:0.9.0 --platform x86_64 -m build/map_app_models \\
+    monai-deploy package build/map_app -c app/app.yaml -t mome-app:0.9.1 --platform x86_64 -m build/map_app_models \\
         --source app/packaging/holoscan-cli-artifacts-4.2.0.json       # CUDA base image (nvcr.io), GPU or CPU hosts
-    docker build -f Dockerfile -t mome-app-cpu:0.9.0 build/map_ctx     # the same MAP layout on a CPU-only base
+    docker build -f Dockerfile -t mome-app-cpu:0.9.1 build/map_ctx     # the same MAP layout on a CPU-only base
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def stage_models(bundle: Path, out: Path, name: str = MODEL_NAME) -> Path:
     return out
 
 
-def build_context(application: Path, context: Path, bundle: Path, tag: str = "mome-app:0.9.0") -> Path:
+def build_context(application: Path, context: Path, bundle: Path, tag: str = "mome-app:0.9.1") -> Path:
     """Runs holoscan-cli's packager without Docker and copies its build context to ``context``; returns it."""
     from holoscan_cli.__main__ import main as holoscan_cli
     from holoscan_cli.packager import container_builder
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="application folder to stage")
     parser.add_argument("--context", type=Path, help="also run the packager (no Docker) and keep its build context")
     parser.add_argument("--bundle", type=Path, default=REPO / "bundle", help="MoME bundle folder to package")
-    parser.add_argument("--tag", default="mome-app:0.9.0")
+    parser.add_argument("--tag", default="mome-app:0.9.1")
     args = parser.parse_args(argv)
     application = stage_application(args.out.resolve())
     print(f"application folder: {application}")

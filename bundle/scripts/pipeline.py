@@ -254,8 +254,9 @@ class MoMEPlusSegmenter(MoMESegmenter):
             say(f"aligning {modality} with {reference}")
             same = channel.frame_of_reference is not None and channel.frame_of_reference == ref.frame_of_reference
             aligned[modality] = coregister(
-                channel.array, channel.affine, ref.array, ref.affine, same, self.registration_settings
-            )
+                channel.array, channel.affine, ref.array, ref.affine, same, self.registration_settings,
+                modality=modality, reference_registration=registration,
+            )  # fmt: skip
         seconds["coregistration"] = time.perf_counter() - started
         excluded = {m: "; ".join(c.warnings) for m, c in aligned.items() if c.warnings}
         for modality, reason in excluded.items():

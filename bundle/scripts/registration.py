@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Tuple
 
@@ -48,6 +48,7 @@ __all__ = [
     "NMI_WARNING",
     "SAME_SUBJECT_NMI_WARNING",
     "coregister",
+    "coregister_via_template",
     "Registration",
     "RegistrationSettings",
     "VolumeRejected",
@@ -384,9 +385,10 @@ class CoRegistration:
     """Where one series of a study lies relative to the study's reference series (result of :func:`coregister`)."""
 
     moving_to_reference: np.ndarray  # 4x4, RAS mm of the moving series -> RAS mm of the reference series
-    method: str  # "frame of reference" (same scanner coordinates: resampling only) or "rigid"
+    method: str  # "frame of reference" (same scanner coordinates: resampling only), "rigid" or "rigid via template"
     nmi: float  # after alignment, inside the reference's head
     seconds: float
+    candidates: Dict[str, float] = field(default_factory=dict)  # NMI of each transform tried, when several were
 
     @property
     def warnings(self) -> List[str]:
@@ -404,6 +406,7 @@ class CoRegistration:
             "nmi": round(self.nmi, 4),
             "seconds": round(self.seconds, 2),
             "warnings": self.warnings,
+            **({"candidates": {k: round(v, 4) for k, v in self.candidates.items()}} if self.candidates else {}),
         }
 
 
@@ -435,24 +438,87 @@ def coregister(
     reference_affine: np.ndarray,
     same_frame_of_reference: bool,
     settings: RegistrationSettings | None = None,
+    modality: str | None = None,
+    reference_registration: Registration | None = None,
 ) -> CoRegistration:
     """Aligns another series of the same study with the reference series.
 
     Series in the same DICOM frame of reference share scanner coordinates, so their affines already place them
     (identity; only resampling follows). Otherwise a rigid Mattes-MI registration (ITK, multi-resolution, masked by
     the reference's head) finds the transform. Either way the similarity after alignment is measured and reported.
+
+    When the reference's template registration is given, the series is also aligned through the template
+    (``modality`` picks its template contrast, see :func:`coregister_via_template`) and the most similar of the
+    transforms tried is kept; all their NMIs are recorded in ``candidates``. Direct Mattes MI alone is not reliable
+    across contrasts and large motions: on four synthetic glioma subjects (T1, T2, FLAIR against T1ce, each series in
+    its own patient position) it ended more than 3 mm (median over the head) from the true motion in 4 of 12 series,
+    worst 11.6 mm for a FLAIR at NMI 1.034, which passes the similarity check; on the demo study's T2 it ended 6.4 mm
+    off at NMI 1.024, where the true motion scores 1.069 and the template route lands 1.5 mm from it at 1.064.
     """
     started = time.perf_counter()
+    settings = settings or RegistrationSettings()
     moving_affine, reference_affine = np.asarray(moving_affine, float), np.asarray(reference_affine, float)
     if same_frame_of_reference:
-        matrix, method = np.eye(4), "frame of reference"
-    else:
-        matrix, method = (
-            _rigid(moving, moving_affine, reference, reference_affine, settings or RegistrationSettings()),
-            "rigid",
-        )
+        matrix = np.eye(4)
+        nmi = _similarity(moving, moving_affine, reference, reference_affine, matrix)
+        return CoRegistration(matrix, "frame of reference", nmi, time.perf_counter() - started)
+    matrix = _rigid(moving, moving_affine, reference, reference_affine, settings)
     nmi = _similarity(moving, moving_affine, reference, reference_affine, matrix)
-    return CoRegistration(matrix, method, nmi, time.perf_counter() - started)
+    if reference_registration is None:
+        return CoRegistration(matrix, "rigid", nmi, time.perf_counter() - started)
+    tried = {"rigid": (matrix, nmi)}
+    for name, candidate in coregister_via_template(
+        moving, moving_affine, reference, reference_affine, reference_registration, settings, modality
+    ).items():
+        tried[name] = (candidate, _similarity(moving, moving_affine, reference, reference_affine, candidate))
+    best = max(tried, key=lambda name: tried[name][1])
+    method = "rigid" if best == "rigid" else "rigid via template"
+    candidates = {name: value for name, (_, value) in tried.items()}
+    return CoRegistration(tried[best][0], method, tried[best][1], time.perf_counter() - started, candidates)
+
+
+def coregister_via_template(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    reference: np.ndarray,
+    reference_affine: np.ndarray,
+    reference_registration: Registration,
+    settings: RegistrationSettings,
+    modality: str | None = None,
+) -> Dict[str, np.ndarray]:
+    """Moving -> reference transforms (RAS mm) found through the MNI152 template, a common anatomy for any contrast.
+
+    The moving series is registered to the template in its own contrast (:func:`register_to_template`) and composed
+    with the reference's registration; the rigid part of that composition (the series are one head, so it is
+    nearly rigid) is returned as ``"template"``, and the same transform refined by the direct rigid stage as
+    ``"template + rigid"``.
+    """
+    registration = register_to_template(moving, moving_affine, settings, modality)
+    composed = reference_registration.template_to_native @ registration.native_to_template
+    fixed_array, fixed_affine = _block_average(np.asarray(reference, np.float32), reference_affine, settings.spacing)
+    small, small_affine = _block_average(np.asarray(moving, np.float32), moving_affine, settings.spacing)
+    fixed, moving_image = _itk_image(fixed_array, fixed_affine), _itk_image(small, small_affine)
+    rigid = _rigid_transform(composed, fixed_affine, fixed_array.shape)
+    start = np.linalg.inv(_to_matrix(rigid))
+    mask = _spatial_mask(_head_mask(fixed_array), fixed)
+    _run_stage(fixed, moving_image, mask, rigid, settings.rigid_iterations, settings)
+    return {"template": start, "template + rigid": np.linalg.inv(_to_matrix(rigid))}
+
+
+def _rigid_transform(moving_to_reference: np.ndarray, fixed_affine: np.ndarray, fixed_shape: Tuple[int, ...]):
+    """An ITK versor rigid transform (reference -> moving, LPS) from the rotation nearest to a RAS matrix's linear
+    part (polar decomposition), centred on the reference grid."""
+    itk = _itk()
+    lps = RAS_TO_LPS @ np.linalg.inv(moving_to_reference) @ RAS_TO_LPS
+    u, _, vt = np.linalg.svd(lps[:3, :3])
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] *= -1
+    rigid = itk.VersorRigid3DTransform[itk.D].New()
+    centre = RAS_TO_LPS @ fixed_affine @ np.r_[(np.asarray(fixed_shape) - 1) / 2.0, 1.0]
+    rigid.SetCenter(centre[:3].tolist())
+    rigid.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(u @ vt)))
+    rigid.SetOffset(lps[:3, 3].tolist())
+    return rigid
 
 
 def _rigid(moving, moving_affine, reference, reference_affine, settings: RegistrationSettings) -> np.ndarray:

@@ -118,7 +118,9 @@ def test_study_series_go_to_mome_plus_together(tmp_path, plus_study):
     assert entry["modalities_available"] == ["t1ce", "t2", "flair"] and entry["modalities_missing"] == ["t1"]
     assert entry["contributing_series"] == {m: uids[m] for m in ("t1ce", "t2", "flair")}
     assert entry["coregistration"]["t2"]["method"] == "frame of reference"
-    assert entry["coregistration"]["flair"]["method"] == "rigid" and not entry["coregistration"]["flair"]["warnings"]
+    flair = entry["coregistration"]["flair"]
+    assert flair["method"] in ("rigid", "rigid via template") and not flair["warnings"]
+    assert set(flair["candidates"]) == {"rigid", "template", "template + rigid"}, "every transform tried is reported"
     assert entry["seg"]["segments"] == ["Necrotic tumour core", "Peritumoral oedema", "Enhancing tumour"]
     assert entry["region_volume_ml"]["Peritumoral oedema"] > 1 and entry["region_volume_ml"]["Enhancing tumour"] > 1
     for modality in ("t2", "flair"):

@@ -460,7 +460,7 @@ def test_native_study_channels_are_coregistered_and_segmented_on_the_reference_g
     assert result.coregistration["t2"].method == "frame of reference"
     np.testing.assert_array_equal(result.coregistration["t2"].moving_to_reference, np.eye(4))
     flair = result.coregistration["flair"]
-    assert flair.method == "rigid" and not flair.warnings
+    assert flair.method in ("rigid", "rigid via template") and not flair.warnings
     error = flair.moving_to_reference @ moved  # identity when the registration found the true motion
     corners = np.array([[x, y, z, 1.0] for x in (-60, 60) for y in (-80, 60) for z in (-40, 70)])
     assert np.abs(corners @ error.T - corners)[:, :3].max() < 2.0, "within one 2 mm voxel"

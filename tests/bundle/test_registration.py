@@ -12,6 +12,7 @@ import torch
 from scripts.native import foreground_box, probabilities_to_native, to_mome_space
 from scripts.registration import (
     VolumeRejected,
+    coregister,
     normalised_mutual_information,
     quality_warnings,
     register_to_template,
@@ -77,6 +78,42 @@ def test_known_transform_is_recovered(seed, contrast):
     assert errors.mean() <= 2.0, f"mean surface error {errors.mean():.2f} mm"
     assert registration.coverage > 0.99 and registration.brain_dice > 0.9
     assert registration.to_dict()["warnings"] == []
+
+
+def test_coregistration_keeps_the_most_similar_of_direct_and_template_routes(tmp_path):
+    """Two series of one synthetic glioma subject, each in its own patient position (rotations up to 20 deg, shifts up
+    to 20 mm; FLAIR relative to T1ce: 21 deg, 32 mm). Direct Mattes-MI rigid registration ended 11.6 mm (median) from
+    the true motion here, at an NMI (1.034) that passes the similarity check; through the template it is found."""
+    import json
+
+    from scripts.synthetic import generate_dataset
+
+    dataset = generate_dataset(
+        tmp_path, 1, seed=3, spacing=2.0, modalities=["t1", "t1ce", "t2", "flair"], lesion_weights={"glioma": 1.0},
+        native=True, all_contrasts=True,
+    )  # fmt: skip
+    entries = {e["modality"]: e for e in json.loads(dataset.read_text())["training"]}
+
+    def series(modality: str):
+        image = nib.load(tmp_path / entries[modality]["image"])
+        return np.asarray(image.dataobj, np.float32), image.affine, np.array(entries[modality]["native_to_template"])
+
+    (reference, reference_affine, reference_truth), (flair, affine, truth) = series("t1ce"), series("flair")
+    result = coregister(
+        flair, affine, reference, reference_affine, False, modality="flair",
+        reference_registration=register_to_template(reference, reference_affine, modality="t1ce"),
+    )  # fmt: skip
+    assert set(result.candidates) == {"rigid", "template", "template + rigid"}
+    assert result.nmi == max(result.candidates.values()) and not result.warnings
+    head = np.argwhere(reference > np.percentile(reference, 99) * 0.05)[::500]
+    points = np.c_[head @ reference_affine[:3, :3].T + reference_affine[:3, 3], np.ones(len(head))]
+    true_map = np.linalg.inv(reference_truth) @ truth  # FLAIR mm -> template mm -> T1ce mm
+    errors = np.linalg.norm(
+        (points @ np.linalg.inv(result.moving_to_reference).T - points @ np.linalg.inv(true_map).T), axis=1
+    )
+    assert np.median(errors) < 1.5 and errors.max() < 3.0, f"median {np.median(errors):.2f}, max {errors.max():.2f} mm"
+    direct = coregister(flair, affine, reference, reference_affine, False)
+    assert direct.method == "rigid" and not direct.candidates, "without the reference's registration: direct only"
 
 
 def test_cross_subject_real_head():
