@@ -490,43 +490,50 @@ def coregister_via_template(
 
     The moving series is registered to the template in its own contrast (:func:`register_to_template`) and composed
     with the reference's registration; the rigid part of that composition (the series are one head, so it is
-    nearly rigid) is returned as ``"template"``, and the same transform refined by the direct rigid stage as
-    ``"template + rigid"``.
+    nearly rigid) is returned as ``"template"``, and the direct rigid stage started there as ``"template + rigid"``.
     """
     registration = register_to_template(moving, moving_affine, settings, modality)
-    composed = reference_registration.template_to_native @ registration.native_to_template
-    fixed_array, fixed_affine = _block_average(np.asarray(reference, np.float32), reference_affine, settings.spacing)
-    small, small_affine = _block_average(np.asarray(moving, np.float32), moving_affine, settings.spacing)
-    fixed, moving_image = _itk_image(fixed_array, fixed_affine), _itk_image(small, small_affine)
-    rigid = _rigid_transform(composed, fixed_affine, fixed_array.shape)
-    start = np.linalg.inv(_to_matrix(rigid))
-    mask = _spatial_mask(_head_mask(fixed_array), fixed)
-    _run_stage(fixed, moving_image, mask, rigid, settings.rigid_iterations, settings)
-    return {"template": start, "template + rigid": np.linalg.inv(_to_matrix(rigid))}
+    start = _rigid_part(reference_registration.template_to_native @ registration.native_to_template)
+    refined = _rigid(moving, moving_affine, reference, reference_affine, settings, start=start)
+    return {"template": start, "template + rigid": refined}
+
+
+def _rigid_part(moving_to_reference: np.ndarray) -> np.ndarray:
+    """The rigid transform whose reference -> moving map keeps the translation and takes the rotation nearest to the
+    linear part (polar decomposition) of ``moving_to_reference``'s inverse."""
+    reference_to_moving = np.linalg.inv(moving_to_reference)
+    u, _, vt = np.linalg.svd(reference_to_moving[:3, :3])
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] *= -1
+    reference_to_moving[:3, :3] = u @ vt
+    return np.linalg.inv(reference_to_moving)
 
 
 def _rigid_transform(moving_to_reference: np.ndarray, fixed_affine: np.ndarray, fixed_shape: Tuple[int, ...]):
-    """An ITK versor rigid transform (reference -> moving, LPS) from the rotation nearest to a RAS matrix's linear
-    part (polar decomposition), centred on the reference grid."""
+    """An ITK versor rigid transform (reference -> moving, LPS) equal to a rigid RAS matrix, centred on the
+    reference grid."""
     itk = _itk()
     lps = RAS_TO_LPS @ np.linalg.inv(moving_to_reference) @ RAS_TO_LPS
-    u, _, vt = np.linalg.svd(lps[:3, :3])
-    if np.linalg.det(u @ vt) < 0:
-        u[:, -1] *= -1
     rigid = itk.VersorRigid3DTransform[itk.D].New()
     centre = RAS_TO_LPS @ fixed_affine @ np.r_[(np.asarray(fixed_shape) - 1) / 2.0, 1.0]
     rigid.SetCenter(centre[:3].tolist())
-    rigid.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(u @ vt)))
+    rigid.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
     rigid.SetOffset(lps[:3, 3].tolist())
     return rigid
 
 
-def _rigid(moving, moving_affine, reference, reference_affine, settings: RegistrationSettings) -> np.ndarray:
-    """Rigid moving -> reference transform (RAS mm), by ITK's versor rigid registration with Mattes MI."""
+def _rigid(
+    moving, moving_affine, reference, reference_affine, settings: RegistrationSettings, start: np.ndarray | None = None
+) -> np.ndarray:
+    """Rigid moving -> reference transform (RAS mm), by ITK's versor rigid registration with Mattes MI, started by
+    aligning the centres of mass or at ``start`` (a rigid moving -> reference RAS matrix)."""
     fixed_array, fixed_affine = _block_average(np.asarray(reference, np.float32), reference_affine, settings.spacing)
     small, small_affine = _block_average(np.asarray(moving, np.float32), moving_affine, settings.spacing)
     fixed, moving_image = _itk_image(fixed_array, fixed_affine), _itk_image(small, small_affine)
     spatial_mask = _spatial_mask(_head_mask(fixed_array), fixed)
-    rigid = _moments_rigid(fixed, moving_image)
+    if start is None:
+        rigid = _moments_rigid(fixed, moving_image)
+    else:
+        rigid = _rigid_transform(start, fixed_affine, fixed_array.shape)
     _run_stage(fixed, moving_image, spatial_mask, rigid, settings.rigid_iterations, settings)
     return np.linalg.inv(_to_matrix(rigid))  # ITK maps reference (fixed) points to moving points
