@@ -27,12 +27,14 @@ demo: $(STAMP)
 # Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
 # bench-cpu: the whole DICOM -> SEG pipeline per inference profile and stage, demo and release-size models (~1.5 h
 # on 2 cores); bench-levers: one MoME forward per CPU lever (~20 min); bench-quality: fast vs parity labels on held-out
-# synthetic cases (~30 min); bench-training: the shipped demo MoME vs a U-Net trained with the compute of the demo's
-# whole training chain (bench/results/training_cost.md: ~6,600 U-Net iterations, about 11 h on 2 CPU cores; resumable,
+# synthetic cases (~30 min); bench-loader: training batch preparation with and without background threads, against a
+# simulated GPU step (~5 min); bench-training: the shipped demo MoME vs a U-Net trained with the compute of the demo's
+# whole training chain (bench/results/training_cost.md: 5,300 U-Net iterations, about 15 h on 2 CPU cores; resumable,
 # BENCH_MINUTES=100 stops it and keeps its state in bench/results/mome_vs_unet/ for the next run).
 BENCH_REPEATS ?= 3
-.PHONY: bench-cpu bench-levers bench-quality bench-training
-bench: bench-cpu bench-levers bench-quality bench-training
+QUALITY_DATA := .bench/quality_seed1
+.PHONY: bench-cpu bench-levers bench-quality bench-loader bench-training
+bench: bench-cpu bench-levers bench-quality bench-loader bench-training
 
 bench-cpu: $(STAMP)
 	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS) --release-repeats 1 \
@@ -41,15 +43,19 @@ bench-cpu: $(STAMP)
 bench-levers: $(STAMP)
 	$(PY) bench/cpu_levers.py --arch release --levers baseline inference_mode lean_gate channels_last
 
-bench-quality: $(STAMP)
-	@test -f .bench/data_seed1/dataset.json || (cd bundle && PYTHONPATH=. ../$(PY) -m scripts.synthetic \
-		--out ../.bench/data_seed1 --cases 24 --seed 1 --quiet)
-	PYTHONPATH=bundle $(PY) bench/profile_agreement.py --data .bench/data_seed1 --model bundle \
+$(QUALITY_DATA)/dataset.json: | $(STAMP)
+	cd bundle && PYTHONPATH=. ../$(PY) -m scripts.synthetic --out ../$(QUALITY_DATA) --cases 24 --seed 1 --quiet
+
+bench-quality: $(QUALITY_DATA)/dataset.json
+	PYTHONPATH=bundle $(PY) bench/profile_agreement.py --data $(QUALITY_DATA) --model bundle \
 		--profiles parity fast --per-modality 2 \
 		--variant step0.75 0.75 1.0 --variant scale1.33 0.75 1.33 --variant whole_volume 1.0 inf \
 		--out bench/results/profile_agreement.json
 
 BENCH_MINUTES ?=
+bench-loader: $(QUALITY_DATA)/dataset.json
+	$(PY) bench/loader_threads.py --data $(QUALITY_DATA) --out bench/results/loader_threads.json
+
 bench-training: $(STAMP)
 	@test -f bench/results/training_cost.json || $(RUN_ENV) $(PY) bench/training_cost.py --workdir .bench/cost
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench \

@@ -70,6 +70,12 @@ def generate(workdir: Path, name: str, spec: tuple) -> Path:
     if not (out / "dataset.json").is_file():
         cmd = [sys.executable, "-m", "scripts.synthetic", "--out", str(out), "--cases", str(subjects)]
         subprocess.run([*cmd, "--seed", str(seed), "--quiet", *extra], cwd=BUNDLE, env=_env(None), check=True)
+    made = json.loads((out / "dataset.json").read_text()).get("generator", {})
+    if (made.get("seed"), made.get("subjects")) != (seed, subjects):
+        raise SystemExit(
+            f"{out} holds seed {made.get('seed')} with {made.get('subjects')} subjects, but this benchmark needs seed "
+            f"{seed} with {subjects}: move it away (another benchmark made it) and run again."
+        )
     return out
 
 

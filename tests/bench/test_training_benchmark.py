@@ -103,3 +103,15 @@ def test_pooled_dice_is_the_mean_over_all_cases_of_a_modality():
     result = mome_vs_unet.pooled([a, b])
     assert result["t1"] == {"n": 3, "dice": pytest.approx(0.5)}
     assert result["t2"] == {"n": 1, "dice": 1.0}
+
+
+def test_existing_data_of_another_seed_or_size_is_refused_not_reused(tmp_path):
+    made = tmp_path / "data_seed1"
+    made.mkdir()
+    record = {"generator": {"seed": 1, "subjects": 24}}  # what `make bench-quality` once wrote here
+    (made / "dataset.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="seed 1 with 24 subjects.*needs seed 1 with 20"):
+        mome_vs_unet.generate(tmp_path, "data_seed1", (1, 20, []))
+    record["generator"]["subjects"] = 20
+    (made / "dataset.json").write_text(json.dumps(record))
+    assert mome_vs_unet.generate(tmp_path, "data_seed1", (1, 20, [])) == made

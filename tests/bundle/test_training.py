@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ import scripts.profiles as profiles
 from scripts.networks import MoME
 from scripts.training import (
     PatchSampler,
+    PlusPatchSampler,
     Trainer,
     build_unet,
+    default_loader_threads,
     load_experts,
     modality_index,
     poly_lr,
@@ -90,6 +93,51 @@ def test_sampler_is_a_function_of_iteration_and_oversamples_foreground():
     # With B = 2 the second sample is always centred on a lesion (nnU-Net's 0.33 oversampling).
     assert all(sampler.batch(i)["label"][1].sum() > 0 for i in range(10))
     assert first["image"].shape == (2, 1, 16, 16, 16) and first["expert"].dtype == torch.int64
+
+
+def _loader_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("mome-batches")}
+
+
+@pytest.mark.parametrize("sampler_class", [PatchSampler, PlusPatchSampler])
+def test_background_loader_threads_give_the_same_batches_in_order(sampler_class):
+    cases = _cases()
+    for case in cases:
+        case["expert"] = modality_index(case["modality"], MODALITIES)
+    augmentation = Compose(
+        [RandFlipd(["image", "label"], prob=0.5, spatial_axis=0), RandGaussianNoised("image", prob=0.7, std=0.1)]
+    )
+    sampler = sampler_class(cases, (16, 16, 16), batch_size=2, augmentation=augmentation, seed=4)
+    expected = [sampler.batch(i) for i in range(5, 17)]
+    loaded = list(sampler.batches(range(5, 17), threads=3))
+    assert len(loaded) == len(expected)
+    for batch, reference in zip(loaded, expected):
+        assert batch.keys() == reference.keys()
+        for key in batch:
+            torch.testing.assert_close(batch[key], reference[key], rtol=0, atol=0, msg=key)
+    assert not _loader_threads()
+
+
+def test_background_loader_stops_its_threads_when_the_consumer_stops_early():
+    cases = _cases()
+    batches = PatchSampler(cases, (16, 16, 16), batch_size=2, seed=4).batches(range(1000), threads=2)
+    next(batches)
+    assert _loader_threads()
+    batches.close()
+    assert not _loader_threads()
+
+
+def test_loader_threads_default_to_none_on_cpu_and_change_no_weight(tmp_path):
+    assert default_loader_threads(torch.device("cpu")) == 0
+    assert 1 <= default_loader_threads(torch.device("cuda", 0)) <= 4
+    cases = _cases()
+    inline = _trainer(tmp_path / "inline", _mome(), cases, max_iterations=4)
+    threaded = _trainer(tmp_path / "threads", _mome(), cases, max_iterations=4, loader_threads=2)
+    assert (inline.loader_threads, threaded.loader_threads) == (0, 2)
+    inline.run()
+    threaded.run()
+    for key, value in inline.network.state_dict().items():
+        torch.testing.assert_close(threaded.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_split_keeps_subjects_together_and_is_deterministic():
