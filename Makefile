@@ -52,10 +52,10 @@ bench-quality: $(QUALITY_DATA)/dataset.json
 		--variant step0.75 0.75 1.0 --variant scale1.33 0.75 1.33 --variant whole_volume 1.0 inf \
 		--out bench/results/profile_agreement.json
 
-BENCH_MINUTES ?=
 bench-loader: $(QUALITY_DATA)/dataset.json
 	$(PY) bench/loader_threads.py --data $(QUALITY_DATA) --out bench/results/loader_threads.json
 
+BENCH_MINUTES ?=
 bench-training: $(STAMP)
 	@test -f bench/results/training_cost.json || $(RUN_ENV) $(PY) bench/training_cost.py --workdir .bench/cost
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench \

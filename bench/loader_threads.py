@@ -8,7 +8,7 @@ the next batch in the main thread would leave the GPU idle most of the time. ``T
 This benchmark needs no GPU: the network step is replaced by ``time.sleep(step)``, which, like an asynchronous GPU
 step, leaves the CPU and the GIL free. For each patch size, step time and thread count it reports the median seconds
 per iteration over ``--repeats`` rounds of ``--iterations`` iterations (configurations interleaved within each round);
-``ideal`` is the step time itself.
+the ideal is the step time itself.
 
 Usage (repository root; ``make bench-loader`` first generates held-out synthetic seed 1 there)::
 

@@ -323,7 +323,7 @@ class PatchSampler:
         """
         if threads <= 0:
             for iteration in iterations:
-                yield _pinned(self.batch(iteration)) if pin_memory else self.batch(iteration)
+                yield self._loaded_batch(iteration, pin_memory)
             return
         pending: deque[Future] = deque()
         remaining = iter(iterations)
