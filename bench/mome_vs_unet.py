@@ -5,7 +5,9 @@ parameters; the demo MoME 2,137,045) is trained on all five contrasts of the sam
 (seed 0, 120 subjects, plus seed 3, 160 T1/T1ce subjects), for as many iterations as cost the same as the whole
 training chain of the demo MoME (``bench/training_cost.py`` prices it on one machine; ``bench/demo_chain.json``
 lists the stages). Both are then evaluated with ``mome-eval --profile fast`` on held-out seeds that no training or
-choice has seen (seeds 1 and 5, 20 subjects each), and the per-modality Dice is reported side by side.
+choice has seen (seeds 1 and 5, 20 subjects each), and the per-modality Dice is reported side by side, with where
+each model's errors fall: missed lesion, and false positives at the lesion border or by tissue elsewhere
+(``bench/errors_by_tissue.py``).
 
 The U-Net's recipe is the experts' from-scratch recipe: AdamW lr 1e-3, poly decay, batch 2, foreground oversampling
 0.5, 64^3 patches (the demo's inference tile), bfloat16 autocast where the CPU computes it natively.
@@ -173,6 +175,39 @@ def pooled(results: list[dict]) -> dict[str, dict]:
     return {m: {"n": len(v), "dice": sum(v) / len(v)} for m, v in dice.items()}
 
 
+def tissue_errors(evaluations: dict[str, list[tuple[Path, dict]]]) -> dict[str, dict]:
+    """Per model: where its errors fall (``bench/errors_by_tissue.py``), pooled over its evaluated datasets."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import errors_by_tissue
+
+    summary = {}
+    for model, evaluated in evaluations.items():
+        per_case = []
+        for data, result in evaluated:
+            per_case += errors_by_tissue.analyse(data, Path(result["predictions"]))["per_case"]
+        summary[model] = errors_by_tissue.per_modality(per_case)
+    return summary
+
+
+def tissue_markdown(summary: dict[str, dict]) -> list[str]:
+    """The error table of both models, one row per modality and model."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import errors_by_tissue
+
+    lines = [
+        "",
+        "Where the errors fall (seeds 1 + 5, mean mL per case; `bench/errors_by_tissue.py`): found and missed lesion,",
+        "false positives within 2 voxels of the lesion (border) or farther away by tissue.",
+        "",
+        *errors_by_tissue.TABLE_HEADER,
+    ]
+    for modality in MODALITIES:
+        for model in ("mome", "unet"):
+            if modality in summary.get(model, {}):
+                lines += errors_by_tissue.table_rows({modality: summary[model][modality]}, model)
+    return lines
+
+
 def summary_markdown(report: dict) -> str:
     lines = [
         "# Demo MoME vs an equal-compute universal U-Net (synthetic data, held-out seeds)",
@@ -192,6 +227,8 @@ def summary_markdown(report: dict) -> str:
                 lines.append(f"| {split} | {modality} | {n} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
         a, b = (sum(x) / len(means) for x in zip(*means))
         lines.append(f"| {split} | **mean of modalities** | | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
+    if "errors_by_tissue" in report:
+        lines += tissue_markdown(report["errors_by_tissue"])
     return "\n".join(lines) + "\n"
 
 
@@ -223,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
     unet_bundle = make_eval_bundle(unet_dir / "model.pt", workdir / "bundle_unet")
     splits: dict[str, dict] = {}
-    results: dict[str, dict[str, list]] = {"mome": [], "unet": []}
+    results: dict[str, list[dict]] = {"mome": [], "unet": []}
+    evaluations: dict[str, list[tuple[Path, dict]]] = {"mome": [], "unet": []}
     for name, data in test_data.items():
         both = {}
         for model, bundle in (("mome", BUNDLE), ("unet", unet_bundle)):
             result = evaluate(bundle, data, workdir / f"eval_{model}_{name}.json", args.threads)
             results[model].append(result)
+            evaluations[model].append((data, result))
             both[model] = pooled([result])
         splits[name.replace("data_", "")] = both
     splits["seeds 1 + 5"] = {model: pooled(values) for model, values in results.items()}
@@ -243,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "unet_iterations": iterations,
         "wall_s_this_call": time.time() - started,
         "splits": splits,
+        "errors_by_tissue": tissue_errors(evaluations),
     }
     STATE.mkdir(parents=True, exist_ok=True)
     (RESULTS / "mome_vs_unet.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -29,7 +29,8 @@ Command line (from the bundle root)::
                                 [--multichannel] [--label-scheme binary|brats]
 
 Each subject is generated from ``numpy.random.default_rng([seed, index])`` only, so a dataset is reproducible and
-subject ``i`` does not depend on ``--cases``.
+subject ``i`` does not depend on ``--cases``; ``regenerate_subject`` rebuilds a subject's tissue maps and lesion
+from the dataset JSON's ``generator`` record (error analysis by tissue: ``bench/errors_by_tissue.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ __all__ = [
     "generate_dataset",
     "generate_subject",
     "main",
+    "regenerate_subject",
     "render",
     "template_grid",
 ]
@@ -246,6 +249,27 @@ def generate_subject(
         affine=affine,
         regions=None if regions is None else regions.numpy(),
     )
+
+
+def regenerate_subject(generator: dict, subject: str) -> Subject:
+    """Rebuilds subject ``syn_s<seed>_<index>`` of a dataset from its JSON ``generator`` record.
+
+    Only datasets of this generator version in MoME space can be rebuilt: another version may draw differently, and a
+    native-space case is resampled onto a grid the subject alone does not give.
+
+    Raises:
+        ValueError: the record is of another version or space, or the subject is not of the record's seed.
+    """
+    if generator.get("version") != GENERATOR_VERSION or generator.get("space") != "mome":
+        raise ValueError(
+            f"only MoME-space datasets of generator {GENERATOR_VERSION} can be rebuilt; this one is version "
+            f"{generator.get('version')!r} in space {generator.get('space')!r}."
+        )
+    match = re.fullmatch(r"syn_s(\d+)_(\d+)", subject)
+    if match is None or int(match.group(1)) != generator.get("seed"):
+        raise ValueError(f"{subject!r} is not a subject of seed {generator.get('seed')}.")
+    rng = np.random.default_rng([generator["seed"], int(match.group(2))])
+    return generate_subject(rng, float(generator["spacing_mm"]), generator.get("lesion_weights"))
 
 
 def _brats_regions(compartments: Dict[str, torch.Tensor], whole: torch.Tensor) -> torch.Tensor:
