@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from bench_modules import load_bench
 
 from scripts.synthetic import GENERATOR_VERSION, generate_dataset, regenerate_subject
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-errors = _load("errors_by_tissue")
-mome_vs_unet = _load("mome_vs_unet")
+errors = load_bench("errors_by_tissue")
+mome_vs_unet = load_bench("mome_vs_unet")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import load_bench
 from monai.bundle import ConfigParser
 
 from scripts.training import build_unet
@@ -17,16 +16,8 @@ from scripts.training import build_unet
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cost = _load("training_cost")
-mome_vs_unet = _load("mome_vs_unet")
+cost = load_bench("training_cost")
+mome_vs_unet = load_bench("mome_vs_unet")
 
 
 def _logged_iterations(stage: dict) -> int:
