@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO))
 
-from app.cli_eval import prediction_path  # noqa: E402
+from app.cli_eval import check_same_grid, prediction_path  # noqa: E402
 from scripts.synthetic import Subject, regenerate_subject  # noqa: E402
 
 CLASSES = ("border", "csf", "gm", "wm", "outside")
@@ -60,11 +60,6 @@ def case_errors(prediction: np.ndarray, truth: np.ndarray, classes: np.ndarray, 
     }
 
 
-def _on_same_grid(prediction: nib.Nifti1Image, label: nib.Nifti1Image, path: Path) -> None:
-    if prediction.shape[:3] != label.shape[:3] or not np.allclose(prediction.affine, label.affine, atol=1e-3):
-        raise ValueError(f"{path}: prediction is not on its label's grid.")
-
-
 def analyse(data_dir: Path, predictions: Path, border: int = 2, cases: list[str] | None = None) -> dict:
     """Errors by class for the cases (default: all) of a MoME-space synthetic dataset, predicted in ``predictions``."""
     dataset = json.loads((data_dir / "dataset.json").read_text())
@@ -88,8 +83,8 @@ def analyse(data_dir: Path, predictions: Path, border: int = 2, cases: list[str]
         path = prediction_path(predictions, data_dir / entry["image"])
         if not path.is_file():
             raise ValueError(f"{path}: prediction of case {entry['case']} not found.")
+        check_same_grid(path, data_dir / entry["label"])
         predicted = nib.load(path)
-        _on_same_grid(predicted, label, path)
         voxel_ml = float(np.prod(label.header.get_zooms()[:3])) / 1000.0
         classes = error_classes(subjects[name], truth, border)
         errors = case_errors(np.asanyarray(predicted.dataobj), truth, classes, voxel_ml)

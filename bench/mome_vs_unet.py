@@ -175,11 +175,17 @@ def pooled(results: list[dict]) -> dict[str, dict]:
     return {m: {"n": len(v), "dice": sum(v) / len(v)} for m, v in dice.items()}
 
 
-def tissue_errors(evaluations: dict[str, list[tuple[Path, dict]]]) -> dict[str, dict]:
-    """Per model: where its errors fall (``bench/errors_by_tissue.py``), pooled over its evaluated datasets."""
+def _errors_by_tissue():
+    """``bench/errors_by_tissue.py``, imported only when a report needs it (it loads the bundle's scripts)."""
     sys.path.insert(0, str(REPO / "bench"))
     import errors_by_tissue
 
+    return errors_by_tissue
+
+
+def tissue_errors(evaluations: dict[str, list[tuple[Path, dict]]]) -> dict[str, dict]:
+    """Per model: where its errors fall (``bench/errors_by_tissue.py``), pooled over its evaluated datasets."""
+    errors_by_tissue = _errors_by_tissue()
     summary = {}
     for model, evaluated in evaluations.items():
         per_case = []
@@ -191,9 +197,7 @@ def tissue_errors(evaluations: dict[str, list[tuple[Path, dict]]]) -> dict[str, 
 
 def tissue_markdown(summary: dict[str, dict]) -> list[str]:
     """The error table of both models, one row per modality and model."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import errors_by_tissue
-
+    errors_by_tissue = _errors_by_tissue()
     lines = [
         "",
         "Where the errors fall (seeds 1 + 5, mean mL per case; `bench/errors_by_tissue.py`): found and missed lesion,",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from bench_modules import load_bench
 
+from app.cli_eval import prediction_path
 from scripts.synthetic import GENERATOR_VERSION, generate_dataset, regenerate_subject
 
 errors = load_bench("errors_by_tissue")
@@ -32,8 +33,7 @@ def _write_prediction(dataset: Path, predictions: Path, mask: np.ndarray) -> Non
     entry = _entry(dataset)
     label = nib.load(dataset / entry["label"])
     predictions.mkdir(exist_ok=True)
-    stem = Path(entry["image"]).name.removesuffix(".nii.gz")
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), label.affine), predictions / f"{stem}_seg.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), label.affine), prediction_path(predictions, Path(entry["image"])))
 
 
 def _truth(dataset: Path) -> np.ndarray:
