@@ -57,7 +57,7 @@ bench-loader: $(QUALITY_DATA)/dataset.json
 
 BENCH_MINUTES ?=
 bench-training: $(STAMP)
-	@test -f bench/results/training_cost.json || $(RUN_ENV) $(PY) bench/training_cost.py --workdir .bench/cost
+	@test -f bench/results/training_cost.json || ($(RUN_ENV) $(PY) bench/training_cost.py --workdir .bench/cost)
 	$(RUN_ENV) $(PY) bench/mome_vs_unet.py --workdir .bench \
 		$(if $(BENCH_MINUTES),--minutes $(BENCH_MINUTES) --keep-state)
 
