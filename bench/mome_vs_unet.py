@@ -15,7 +15,9 @@ The U-Net's recipe is the experts' from-scratch recipe: AdamW lr 1e-3, poly deca
 The training takes hours on a CPU and is resumable at every epoch. ``--minutes M`` stops it after M minutes (the
 epoch in flight is lost); ``--keep-state`` then copies the resume state into ``bench/results/mome_vs_unet/`` so a
 later session (whose work folder is new) can continue from it: a run with no state in its work folder starts from
-that copy.
+that copy. Once all epochs are done, the kept copy is only the evaluated weights and the log (the optimiser state is
+dropped), and a run that starts from it goes straight to the evaluation. Evaluations already in the work folder are
+reused unless the weights are newer.
 
 Usage (repository root, inside the venv)::
 
@@ -40,6 +42,9 @@ MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
 RESULTS = REPO / "bench" / "results"
 STATE = RESULTS / "mome_vs_unet"
 STATE_FILES = ("checkpoint_latest.pt", "train_log.jsonl", "model.pt")
+FINISHED_STATE_FILES = ("train_log.jsonl", "model.pt")  # the evaluated weights and their record; no resume needed
+METRICS = ("dice", "abs_volume_error_ml", "lesion_f1")
+EXPECTED_MEAN_GAIN = 0.02  # issue 3: MoME at least 2 Dice points better on the mean, and no modality worse
 ADAMW = "$torch.optim.AdamW(@network.parameters(), lr=@learning_rate, weight_decay=3e-5)"
 
 # name -> (seed, subjects, extra generator arguments): the demo MoME's training data and the held-out test seeds.
@@ -103,28 +108,50 @@ def _bundle_args(config: str, overrides: dict) -> list[str]:
 
 
 def restore_state(out: Path) -> bool:
-    """Copies a kept resume state into an empty work folder; True when it did."""
-    if (out / "checkpoint_latest.pt").is_file() or not (STATE / "checkpoint_latest.pt").is_file():
+    """Copies a kept state (resume state, or the finished run) into a work folder without one; True when it did."""
+    kept = [name for name in STATE_FILES if (STATE / name).is_file()]
+    if any((out / name).is_file() for name in STATE_FILES) or not kept:
         return False
     out.mkdir(parents=True, exist_ok=True)
-    for name in STATE_FILES:
-        if (STATE / name).is_file():
-            shutil.copy2(STATE / name, out / name)
+    for name in kept:
+        shutil.copy2(STATE / name, out / name)
     return True
 
 
-def keep_state(out: Path) -> None:
+def keep_state(out: Path, finished: bool = False) -> None:
+    """Copies the resume state to ``STATE``; once ``finished``, only the weights and the log (no optimiser state)."""
     STATE.mkdir(parents=True, exist_ok=True)
-    for name in STATE_FILES:
+    for name in FINISHED_STATE_FILES if finished else STATE_FILES:
         if (out / name).is_file():
             shutil.copy2(out / name, STATE / name)
+    if finished:
+        (STATE / "checkpoint_latest.pt").unlink(missing_ok=True)
+
+
+def training_log(out: Path) -> list[dict]:
+    """The per-epoch records of the U-Net run in ``out`` (empty before its first epoch)."""
+    log = out / "train_log.jsonl"
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def is_finished(out: Path, epochs: int) -> bool:
+    """True when the run in ``out`` has trained all ``epochs`` and its weights are there."""
+    if (out / "model_final.pt").is_file():
+        return True
+    logged = {record["epoch"] for record in training_log(out)}
+    return (out / "model.pt").is_file() and logged >= set(range(epochs))
 
 
 def train_unet(train_data: list[Path], out: Path, iterations: int, threads: int | None, minutes: float | None) -> bool:
     """Trains (or resumes) the U-Net; True when it has finished, False when ``minutes`` ran out first."""
-    if (out / "model_final.pt").is_file():
+    restored = restore_state(out)
+    epochs = unet_overrides(train_data, out, iterations)["epochs"]
+    if is_finished(out, epochs):
+        print(f"the U-Net has trained all {epochs} epochs{f' (kept in {STATE})' if restored else ''}", flush=True)
         return True
-    if restore_state(out):
+    if restored:
         print(f"resuming from the kept state in {STATE}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     args = _bundle_args("train_expert.json", unet_overrides(train_data, out, iterations))
@@ -158,8 +185,9 @@ def make_eval_bundle(model: Path, target: Path) -> Path:
     return target
 
 
-def evaluate(bundle: Path, data: Path, out: Path, threads: int | None) -> dict:
-    if not out.is_file():
+def evaluate(bundle: Path, weights: Path, data: Path, out: Path, threads: int | None) -> dict:
+    """``mome-eval`` of ``bundle`` on ``data``; an earlier result in ``out`` is reused unless ``weights`` are newer."""
+    if not out.is_file() or out.stat().st_mtime < weights.stat().st_mtime:
         cmd = [sys.executable, "-m", "app.cli_eval", "--data", str(data), "--model", str(bundle), "--out", str(out)]
         cmd += ["--profile", "fast"]  # mome-eval picks CUDA when there is one
         subprocess.run(cmd, cwd=REPO, env=_env(threads), check=True, stdout=subprocess.DEVNULL)
@@ -167,12 +195,27 @@ def evaluate(bundle: Path, data: Path, out: Path, threads: int | None) -> dict:
 
 
 def pooled(results: list[dict]) -> dict[str, dict]:
-    """Per modality over several evaluations: case count and mean Dice over all their cases."""
-    dice: dict[str, list[float]] = {}
+    """Per modality over several evaluations: case count and the mean of each metric over all their cases."""
+    cases: dict[str, list[dict]] = {}
     for result in results:
         for case in result["per_case"]:
-            dice.setdefault(case["modality"], []).append(case["dice"])
-    return {m: {"n": len(v), "dice": sum(v) / len(v)} for m, v in dice.items()}
+            cases.setdefault(case["modality"], []).append(case)
+    summary = {}
+    for modality, rows in cases.items():
+        summary[modality] = {"n": len(rows)}
+        for metric in METRICS:
+            if all(metric in row for row in rows):
+                summary[modality][metric] = sum(row[metric] for row in rows) / len(rows)
+    return summary
+
+
+def verdict(both: dict[str, dict]) -> dict:
+    """Issue 3's expectation checked on one split: mean Dice gain, the worst modality and whether both hold."""
+    gains = {m: both["mome"][m]["dice"] - both["unet"][m]["dice"] for m in MODALITIES if m in both["mome"]}
+    mean_gain = sum(gains.values()) / len(gains)
+    worst = min(gains, key=gains.get)
+    met = mean_gain >= EXPECTED_MEAN_GAIN and gains[worst] >= 0
+    return {"mean_gain": mean_gain, "worst_modality": worst, "worst_gain": gains[worst], "met": met}
 
 
 def _errors_by_tissue():
@@ -212,6 +255,44 @@ def tissue_markdown(summary: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _dice_rows(split: str, both: dict[str, dict]) -> list[str]:
+    rows, means = [], []
+    for modality in MODALITIES:
+        if modality in both["mome"]:
+            a, b = both["mome"][modality]["dice"], both["unet"][modality]["dice"]
+            means.append((a, b))
+            rows.append(f"| {split} | {modality} | {both['mome'][modality]['n']} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    a, b = (sum(x) / len(means) for x in zip(*means))
+    rows.append(f"| {split} | **mean of modalities** | | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
+    return rows
+
+
+def _secondary_rows(both: dict[str, dict]) -> list[str]:
+    """Lesion-volume error and lesion-wise detection F1 of both models, where the evaluations have them."""
+    rows = []
+    for modality in MODALITIES:
+        mome, unet = both["mome"].get(modality, {}), both["unet"].get(modality, {})
+        if all(metric in row for row in (mome, unet) for metric in METRICS[1:]):
+            rows.append(
+                f"| {modality} | {mome['abs_volume_error_ml']:.2f} | {unet['abs_volume_error_ml']:.2f} "
+                f"| {mome['lesion_f1']:.3f} | {unet['lesion_f1']:.3f} |"
+            )
+    if not rows:
+        return []
+    header = ["", "Lesion-volume error and lesion-wise detection F1 (seeds 1 + 5, mean per case):", ""]
+    header += ["| modality | MoME abs. volume error mL | U-Net | MoME lesion F1 | U-Net |", "|---|---|---|---|---|"]
+    return header + rows
+
+
+def _verdict_line(result: dict) -> str:
+    outcome = "met" if result["met"] else "**not met**"
+    return (
+        f"Issue 3 expects MoME at least {EXPECTED_MEAN_GAIN * 100:.0f} Dice points better on the mean of modalities "
+        f"and no modality worse; on seeds 1 + 5 this is {outcome}: mean {result['mean_gain']:+.3f}, smallest "
+        f"difference {result['worst_gain']:+.3f} ({result['worst_modality']})."
+    )
+
+
 def summary_markdown(report: dict) -> str:
     lines = [
         "# Demo MoME vs an equal-compute universal U-Net (synthetic data, held-out seeds)",
@@ -222,15 +303,11 @@ def summary_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for split, both in report["splits"].items():
-        means = []
-        for modality in MODALITIES:
-            if modality in both["mome"]:
-                a, b = both["mome"][modality]["dice"], both["unet"][modality]["dice"]
-                means.append((a, b))
-                n = both["mome"][modality]["n"]
-                lines.append(f"| {split} | {modality} | {n} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
-        a, b = (sum(x) / len(means) for x in zip(*means))
-        lines.append(f"| {split} | **mean of modalities** | | **{a:.3f}** | **{b:.3f}** | **{a - b:+.3f}** |")
+        lines += _dice_rows(split, both)
+    if "verdict" in report:
+        lines += ["", _verdict_line(report["verdict"])]
+    if "seeds 1 + 5" in report["splits"]:
+        lines += _secondary_rows(report["splits"]["seeds 1 + 5"])
     if "errors_by_tissue" in report:
         lines += tissue_markdown(report["errors_by_tissue"])
     return "\n".join(lines) + "\n"
@@ -257,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     finished = train_unet(train_data, unet_dir, iterations, args.threads, args.minutes)
     if args.keep_state:
-        keep_state(unet_dir)
+        keep_state(unet_dir, finished)
     if not finished:
         print(f"stopped after {args.minutes} min; run again to continue (state kept: {args.keep_state})")
         return 0
@@ -269,23 +346,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, data in test_data.items():
         both = {}
         for model, bundle in (("mome", BUNDLE), ("unet", unet_bundle)):
-            result = evaluate(bundle, data, workdir / f"eval_{model}_{name}.json", args.threads)
+            weights = bundle / "models" / "model.pt"
+            result = evaluate(bundle, weights, data, workdir / f"eval_{model}_{name}.json", args.threads)
             results[model].append(result)
             evaluations[model].append((data, result))
             both[model] = pooled([result])
         splits[name.replace("data_", "")] = both
     splits["seeds 1 + 5"] = {model: pooled(values) for model, values in results.items()}
 
+    log = training_log(unet_dir)
+    trained = sum(record["iterations"] for record in log)
+    best = max((r for r in log if r.get("best")), key=lambda r: r["epoch"], default=log[-1])
     report = {
         "machine": cost["machine"],
         "training": (
             f"demo MoME chain {cost['equal_compute']['chain_seconds']:,.0f} s priced on that machine "
-            f"(bench/results/training_cost.md); U-Net {UNET['features_per_stage']} {iterations:,} iterations"
+            f"(bench/results/training_cost.md), worth {iterations:,} U-Net iterations; U-Net "
+            f"{UNET['features_per_stage']} trained {trained:,} ({len(log)} epochs of {UNET['iterations_per_epoch']}), "
+            f"evaluated with its best-EMA weights (epoch {best['epoch'] + 1}, EMA pseudo-Dice {best['ema_dice']:.3f})"
         ),
         "unet": UNET,
-        "unet_iterations": iterations,
+        "unet_iterations_priced": iterations,
+        "unet_iterations_trained": trained,
+        "unet_weights_epoch": best["epoch"] + 1,
         "wall_s_this_call": time.time() - started,
         "splits": splits,
+        "verdict": verdict(splits["seeds 1 + 5"]),
         "errors_by_tissue": tissue_errors(evaluations),
     }
     STATE.mkdir(parents=True, exist_ok=True)
