@@ -29,6 +29,8 @@ SMALL = {
     "progress": "False",
     "amp": "False",
     "channels_last": "False",
+    # float32 everywhere: bfloat16 autocast (the default on CPUs with native bf16) differs run to run by float noise
+    "cpu_bf16": "False",
 }
 
 
