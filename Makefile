@@ -29,7 +29,7 @@ demo: $(STAMP)
 # on 2 cores); bench-levers: one MoME forward per CPU lever (~20 min); bench-quality: fast vs parity labels on held-out
 # synthetic cases (~30 min); bench-loader: training batch preparation with and without background threads, against a
 # simulated GPU step (~5 min); bench-training: the shipped demo MoME vs a U-Net trained with the compute of the demo's
-# whole training chain (bench/results/training_cost.md: 5,300 U-Net iterations, ~3 h on a quiet 2-core CPU; resumable,
+# whole training chain (bench/results/training_cost.md: 5,300 U-Net iterations, 3-20 h on 2 CPU cores; resumable,
 # BENCH_MINUTES=100 stops it and keeps its state in bench/results/mome_vs_unet/; the finished weights are kept there).
 BENCH_REPEATS ?= 3
 QUALITY_DATA := .bench/quality_seed1
