@@ -424,7 +424,8 @@ class Trainer:
             losses on float32 logits; no loss scaling is needed (bf16 has float32's exponent range) and the weights and
             optimiser stay float32.
             Ignored on CUDA and on other CPUs, where bf16 is emulated and slower than float32. A 64^3 expert step
-            (batch 2, two threads) took 0.38 s against 0.65 s in float32 on an AVX512-BF16 EPYC.
+            (batch 2, two threads) took 0.38 s against 0.65 s in float32 on an AVX512-BF16 EPYC. Not taken where a
+            U-Net stage would see a patch 2 voxels deep (see :func:`bf16_training_hazard`).
         channels_last: use the channels-last 3-D memory layout on CPU (about 20 % faster convolutions here).
         resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
         progress: show a progress bar per epoch.
@@ -533,6 +534,10 @@ class Trainer:
         self.initial_lr, self.poly_exponent = initial_lr, poly_exponent
         self.grad_clip, self.clip_scope = grad_clip, clip_scope
         self.precision = autocast_precision(self.device, amp, cpu_bf16)
+        hazard = bf16_training_hazard(network, patch_size) if self.precision == "bfloat16" else None
+        if hazard:
+            _log(f"cpu_bf16 ignored, training in float32: {hazard}")
+            self.precision = "float32"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "float16")
         self.resume, self.progress, self.max_iterations = resume, progress, max_iterations
         if classifier_warmup_steps and getattr(network, "classifier", None) is None:
@@ -849,6 +854,28 @@ def _format(record: Dict[str, object], epochs: int) -> str:
         parts.append(f"ema {record['ema_dice']:.3f}" + (" *" if record.get("best") else ""))
     parts.append(f"{record['seconds']:.0f} s")
     return " | ".join(parts)
+
+
+def bf16_training_hazard(network: nn.Module, patch_size: Sequence[int]) -> str | None:
+    """Why bfloat16 autocast must not train ``network`` on ``patch_size`` patches on a CPU, or None.
+
+    PyTorch 2.13's CPU bfloat16 weight gradient of a 3x3x3 ``Conv3d`` is wrong when the input is 2 voxels deep
+    (first spatial axis): repeated identical backward passes return different values, some of them garbage (seen up
+    to 1e33). That depth arises in a U-Net stage whose patch size divided by the strides so far is 2 along that axis.
+    The classifier mirrors the U-Nets' strides, so the U-Nets' stages cover it.
+    """
+    for module in network.modules():
+        if not isinstance(module, PlainConvUNet):
+            continue
+        size = [int(p) for p in patch_size]
+        for stage, stride in enumerate(module.strides):
+            size = [extent // step for extent, step in zip(size, stride)]
+            if size[0] == 2:
+                return (
+                    f"stage {stage} sees {tuple(size)} voxels of a {tuple(patch_size)} patch, and the CPU bfloat16 "
+                    "weight gradient of a Conv3d over an input 2 voxels deep is unreliable"
+                )
+    return None
 
 
 def _log(message: str) -> None:

@@ -20,6 +20,7 @@ from scripts.training import (
     PatchSampler,
     PlusPatchSampler,
     Trainer,
+    bf16_training_hazard,
     build_unet,
     default_loader_threads,
     load_experts,
@@ -427,3 +428,30 @@ def test_split_seed_fixes_the_validation_subjects_whatever_the_sampling_seed(tmp
     assert len(default) == 5
     assert validation_subjects(seed=3) != default  # by default the split follows the sampling seed (recorded recipes)
     assert validation_subjects(seed=3, split_seed=0) == default
+
+
+DEEP = {
+    "features_per_stage": [4, 8, 16, 32],
+    "kernel_sizes": [3, 3, 3, 3],
+    "strides": [1, 2, 2, 2],
+    "n_conv_per_stage": [1, 1, 1, 1],
+    "n_conv_per_stage_decoder": [1, 1, 1],
+}
+
+
+def test_bf16_hazard_is_a_stage_two_voxels_deep():
+    unet = build_unet(1, 2, **DEEP)
+    assert "stage 3 sees (2, 2, 2)" in bf16_training_hazard(unet, (16, 16, 16))
+    assert bf16_training_hazard(unet, (16, 32, 32)) is not None  # (2, 4, 4): only the first axis matters
+    assert bf16_training_hazard(unet, (32, 16, 16)) is None  # (4, 2, 2)
+    assert bf16_training_hazard(unet, (48, 48, 48)) is None  # the demo's training patch: 6^3 at the bottom
+    torch.manual_seed(0)
+    assert bf16_training_hazard(MoME(5, 1, 2, **DEEP), (16, 16, 16)) is not None  # its experts and gate are U-Nets
+
+
+def test_cpu_bf16_falls_back_to_float32_where_the_weight_gradient_is_unreliable(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiles, "cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    deep = _trainer(tmp_path / "deep", MoME(5, 1, 2, **DEEP), _cases(), cpu_bf16=True)
+    shallow = _trainer(tmp_path / "shallow", _mome(), _cases(), cpu_bf16=True)  # 16^3 patch down to 4^3
+    assert (deep.precision, shallow.precision) == ("float32", "bfloat16")
