@@ -146,14 +146,15 @@ def is_finished(out: Path, epochs: int) -> bool:
 def train_unet(train_data: list[Path], out: Path, iterations: int, threads: int | None, minutes: float | None) -> bool:
     """Trains (or resumes) the U-Net; True when it has finished, False when ``minutes`` ran out first."""
     restored = restore_state(out)
-    epochs = unet_overrides(train_data, out, iterations)["epochs"]
+    overrides = unet_overrides(train_data, out, iterations)
+    epochs = overrides["epochs"]
     if is_finished(out, epochs):
         print(f"the U-Net has trained all {epochs} epochs{f' (kept in {STATE})' if restored else ''}", flush=True)
         return True
     if restored:
         print(f"resuming from the kept state in {STATE}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    args = _bundle_args("train_expert.json", unet_overrides(train_data, out, iterations))
+    args = _bundle_args("train_expert.json", overrides)
     with open(out / "train.log", "a") as log:
         process = subprocess.Popen(args, cwd=BUNDLE, env=_env(threads), stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -184,9 +185,9 @@ def make_eval_bundle(model: Path, target: Path) -> Path:
     return target
 
 
-def evaluate(bundle: Path, weights: Path, data: Path, out: Path, threads: int | None) -> dict:
-    """``mome-eval`` of ``bundle`` on ``data``; an earlier result in ``out`` is reused unless ``weights`` are newer."""
-    if not out.is_file() or out.stat().st_mtime < weights.stat().st_mtime:
+def evaluate(bundle: Path, data: Path, out: Path, threads: int | None) -> dict:
+    """``mome-eval`` of ``bundle`` on ``data``; an earlier result in ``out`` is reused unless the weights are newer."""
+    if not out.is_file() or out.stat().st_mtime < (bundle / "models" / "model.pt").stat().st_mtime:
         cmd = [sys.executable, "-m", "app.cli_eval", "--data", str(data), "--model", str(bundle), "--out", str(out)]
         cmd += ["--profile", "fast"]  # mome-eval picks CUDA when there is one
         subprocess.run(cmd, cwd=REPO, env=_env(threads), check=True, stdout=subprocess.DEVNULL)
@@ -344,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, data in test_data.items():
         both = {}
         for model, bundle in (("mome", BUNDLE), ("unet", unet_bundle)):
-            weights = bundle / "models" / "model.pt"
-            result = evaluate(bundle, weights, data, workdir / f"eval_{model}_{name}.json", args.threads)
+            result = evaluate(bundle, data, workdir / f"eval_{model}_{name}.json", args.threads)
             results[model].append(result)
             evaluations[model].append((data, result))
             both[model] = pooled([result])

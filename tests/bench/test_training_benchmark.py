@@ -158,14 +158,15 @@ def test_a_log_with_a_gap_is_not_finished(tmp_path):
 def test_an_evaluation_older_than_the_weights_is_redone(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(mome_vs_unet.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
-    weights, out = tmp_path / "model.pt", tmp_path / "eval.json"
+    weights, out = tmp_path / "models" / "model.pt", tmp_path / "eval.json"
+    weights.parent.mkdir()
     weights.write_text("w")
     out.write_text(json.dumps({"per_case": []}))
     os.utime(weights, (out.stat().st_mtime - 10,) * 2)
-    assert mome_vs_unet.evaluate(tmp_path, weights, tmp_path, out, None) == {"per_case": []}
+    assert mome_vs_unet.evaluate(tmp_path, tmp_path, out, None) == {"per_case": []}
     assert calls == []
     os.utime(weights, (out.stat().st_mtime + 10,) * 2)
-    mome_vs_unet.evaluate(tmp_path, weights, tmp_path, out, None)
+    mome_vs_unet.evaluate(tmp_path, tmp_path, out, None)
     assert len(calls) == 1 and "--profile" in calls[0]
 
 
