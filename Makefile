@@ -33,8 +33,8 @@ demo: $(STAMP)
 # BENCH_MINUTES=100 stops it and keeps its state in bench/results/mome_vs_unet/; the finished weights are kept there).
 BENCH_REPEATS ?= 3
 QUALITY_DATA := .bench/quality_seed1
-.PHONY: bench-cpu bench-levers bench-quality bench-loader bench-training
-bench: bench-cpu bench-levers bench-quality bench-loader bench-training
+.PHONY: bench-cpu bench-levers bench-quality bench-loader bench-training bench-robustness
+bench: bench-cpu bench-levers bench-quality bench-loader bench-training bench-robustness
 
 bench-cpu: $(STAMP)
 	$(RUN_ENV) $(PY) bench/cpu_profiles.py --models demo release --profiles fast parity --repeats $(BENCH_REPEATS) --release-repeats 1 \
@@ -54,6 +54,11 @@ bench-quality: $(QUALITY_DATA)/dataset.json
 
 bench-loader: $(QUALITY_DATA)/dataset.json
 	$(PY) bench/loader_threads.py --data $(QUALITY_DATA) --out bench/results/loader_threads.json
+
+# bench-robustness: every case of the robustness corpus (tests/robustness_corpus.py) through `python -m app` with the
+# demo model, signals included (~10 min on 2 cores); bench/results/robustness.md.
+bench-robustness: $(STAMP)
+	$(RUN_ENV) $(PY) bench/robustness.py --workdir .bench/robustness
 
 BENCH_MINUTES ?=
 bench-training: $(STAMP)

@@ -10,8 +10,9 @@ Run it as ``python -m app -i IN -o OUT [-m MODEL]`` (SDK flags; or ``HOLOSCAN_IN
 folder, or a folder holding exactly one (the MAP layout ``/opt/holoscan/models/<name>/``); without one the bundle
 installed with the application is used.
 
-Exit codes (:func:`run_app`): 0 ok, 1 internal error, 2 usage error (bad model path or rules file), 3 input rejected
-(nothing to segment; the reason is printed and nothing is written).
+Exit codes (:func:`run_app`): 0 ok, 1 internal error, 2 usage error (bad model path or rules file, unusable output
+folder, a ``MOME_MAX_*`` limit that is not a positive number), 3 input rejected (nothing to segment, or an input over
+one of the limits of ``operators.limits``; the reason is printed and nothing is written).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from monai.deploy.core import AppContext, Application
 
 from app.bundle_path import default_bundle_dir, installed_models
 from app.cli_seg import MODE_HELP, PROFILE_HELP, PROFILE_NAMES
+from operators import phi
+from operators.clean_stop import CREATED, record_path
+from operators.limits import InputLimits, LimitSettingError
 from operators.modality_router import MODALITIES
 from operators.modality_router_operator import ModalityRouterOperator
 from operators.mome_inference_operator import MoMEInferenceOperator
+from operators.output_folder import UnusableOutputFolder, check_output_folder, missing_folders, remove_empty
 from operators.report_writer_operator import ReportWriterOperator
 from operators.seg_writer_operator import LesionSegWriterOperator
 from operators.study_loader_operator import StudyLoaderOperator
@@ -60,7 +65,8 @@ class AppOptions:
     profile: str | None = None  # inference profile; None: the bundle's default
     mode: str = "auto"  # auto | single | plus: feed T1/T1ce/T2/FLAIR to the bundle's MoME+ model together
     plus_segmenter: Any = None  # an object with segment_channels()/describe() instead of the bundle's MoME+ model
-    outcome: list[dict[str, Any]] | NothingToSegment | None = field(default=None, repr=False)
+    limits: InputLimits | None = None  # archive and series size limits; None: InputLimits.from_env() (MOME_MAX_*)
+    outcome: list[dict[str, Any]] | NothingToSegment | UnusableOutputFolder | None = field(default=None, repr=False)
 
 
 def resolve_bundle(model_path: Path | None) -> Path:
@@ -98,7 +104,7 @@ class MoMEApp(Application):
         self.mome_options = options or AppOptions()  # ``options`` is taken by Holoscan
         self.staging: Path | None = None
 
-    def _finish(self, outcome: list[dict[str, Any]] | NothingToSegment) -> None:
+    def _finish(self, outcome: list[dict[str, Any]] | NothingToSegment | UnusableOutputFolder) -> None:
         self.mome_options.outcome = outcome
 
     def _check_mode(self, bundle: Path) -> None:
@@ -121,8 +127,11 @@ class MoMEApp(Application):
         source, output = Path(context.input_path), Path(context.output_path)
         bundle = resolve_bundle(Path(context.model_path) if context.model_path else None)
         self._check_mode(bundle)
+        limits = self.mome_options.limits or InputLimits.from_env()
         self.staging = staging_dir(output)
-        loader = StudyLoaderOperator(self, CountCondition(self, 1), input_path=source, name="study_loader")
+        loader = StudyLoaderOperator(
+            self, CountCondition(self, 1), input_path=source, limits=limits, name="study_loader"
+        )
         router = ModalityRouterOperator(
             self,
             rules_file=self.mome_options.rules_file,
@@ -140,6 +149,7 @@ class MoMEApp(Application):
             segmenter=self.mome_options.segmenter,
             mode=self.mome_options.mode,
             plus_segmenter=self.mome_options.plus_segmenter,
+            limits=limits,
             name="mome_inference",
         )
         seg_writer = LesionSegWriterOperator(self, staging=self.staging, name="dicom_seg_writer")
@@ -158,7 +168,7 @@ def _say(quiet: bool) -> Callable[[str], None] | None:
     started = time.perf_counter()
 
     def say(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+        print(phi.redact(f"[{time.perf_counter() - started:6.1f} s] {message}"), file=sys.stderr, flush=True)
 
     return say
 
@@ -174,9 +184,10 @@ def run_app(
     """Runs the graph on ``source`` (folder or zip) into ``out``; returns the exit code (0, 1, 2 or 3).
 
     ``None`` paths fall back to the SDK's ``HOLOSCAN_INPUT_PATH`` / ``HOLOSCAN_OUTPUT_PATH`` / ``HOLOSCAN_MODEL_PATH``;
-    ``sdk_args`` are further SDK flags (``-l``, ``-w``). Prints the reason for exits 2 and 3. ``out`` is left untouched
-    (not even created) unless something was segmented.
+    ``sdk_args`` are further SDK flags (``-l``, ``-w``). Prints the reason for exits 2 and 3. ``out`` is checked before
+    anything else (exit 2 if unusable) and left untouched (not even created) unless something was segmented.
     """
+    phi.install()  # no patient name or ID in any log record or warning from here on (operators/phi.py)
     options = options or AppOptions()
     sdk_args = list(sdk_args)
     if not {"-l", "--log-level"} & set(sdk_args):
@@ -186,27 +197,40 @@ def run_app(
         if value is not None:
             argv += [flag, str(value)]
     out = Path(out or os.environ.get("HOLOSCAN_OUTPUT_PATH") or "output")
-    out_existed = out.exists()
+    try:
+        check_output_folder(out)
+    except UnusableOutputFolder as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    created = missing_folders(out)
+    if created:
+        record_path(CREATED, created[-1])  # a stopped run's supervisor removes what the SDK's parser creates
     application = None
     try:
         application = MoMEApp(argv, options)
         application.run()
     except SystemExit as stop:  # the SDK's argument parser (unknown flag, missing input path)
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
-    except FileNotFoundError as error:  # bad model path or rules file
-        print(f"{prog}: {error}", file=sys.stderr)
+    except (FileNotFoundError, LimitSettingError) as error:  # bad model path or rules file, bad MOME_MAX_* value
+        print(phi.redact(f"{prog}: {error}"), file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as error:  # a malformed rules file, an input that is neither folder nor zip
-        print(f"{prog}: input rejected: {error}", file=sys.stderr)
+    except ValueError as error:  # a malformed rules file, an input that is neither folder nor zip or over a limit
+        print(phi.redact(f"{prog}: input rejected: {error}"), file=sys.stderr)
         return EXIT_REJECTED
     finally:
         if application is not None and application.staging is not None:
             shutil.rmtree(application.staging, ignore_errors=True)
-        if not out_existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # the SDK's argument parser creates -o eagerly
-    outcome = options.outcome
+        remove_empty(created)  # the SDK's argument parser creates -o (and its parents) eagerly
+    return _outcome_code(options.outcome, prog)
+
+
+def _outcome_code(outcome: list[dict[str, Any]] | NothingToSegment | UnusableOutputFolder | None, prog: str) -> int:
+    """The exit code for what the graph handed back; prints the reason for exits 1, 2 and 3."""
+    if isinstance(outcome, UnusableOutputFolder):
+        print(phi.redact(f"{prog}: {outcome}"), file=sys.stderr)
+        return EXIT_USAGE
     if isinstance(outcome, NothingToSegment):
-        print(f"{prog}: input rejected: {outcome}", file=sys.stderr)
+        print(phi.redact(f"{prog}: input rejected: {outcome}"), file=sys.stderr)
         return EXIT_REJECTED
     if outcome is None:
         print(f"{prog}: the graph ended without a result (see the log above).", file=sys.stderr)

@@ -34,7 +34,16 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def seg_main(argv: Sequence[str] | None = None) -> int:
-    """``mome-seg INPUT -o OUTDIR``: native-space NIfTI -> lesion mask on the same grid + report."""
+    """``mome-seg INPUT -o OUTDIR``: native-space NIfTI -> lesion mask on the same grid + report.
+
+    As a console script (``argv`` None) the work runs in a supervised child process, so SIGTERM / SIGINT stop it
+    cleanly (``app.supervisor``: exit 143 / 130, nothing partial left behind).
+    """
+    from app.supervisor import is_supervised, supervise
+
+    if argv is None and not is_supervised():
+        child = "import sys; from app.cli import seg_main; sys.exit(seg_main(sys.argv[1:]))"
+        return supervise([sys.executable, "-c", child, *sys.argv[1:]], "mome-seg")
     from app.cli_seg import main
 
     return main(sys.argv[1:] if argv is None else argv)

@@ -24,7 +24,13 @@ and, with ``--save-mni``, ``<name>_mni.nii.gz`` and ``<name>_mni_seg.nii.gz`` (t
 segmentation on the model's MoME-space grid). MoME needs no modality label; ``--modality`` (default: guessed from a
 ``_t1``/``_flair``... file-name suffix) picks the registration template's contrast and is recorded in the report.
 
-Exit codes: 0 ok, 1 internal error, 2 usage error, 3 input rejected (reason printed; nothing is written).
+Output folder: checked before anything is read (an existing file, or a folder that cannot be written or created, is a
+usage error). Results are staged beside it and moved in file by file. Its hidden ``.mome-manifest.json`` lists the
+files MoME wrote and the input each came from: a re-run of an input overwrites its files and removes those it no
+longer writes (``--save-mni`` dropped); other inputs' results (``report.json`` aside) and other files stay.
+
+Exit codes: 0 ok, 1 internal error, 2 usage error (also an unusable ``-o``), 3 input rejected (reason printed; nothing
+is written).
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from operators import phi
+from operators.output_folder import Staged, UnusableOutputFolder, check_output_folder, publish
 
 __all__ = ["InputRejected", "build_parser", "guess_modality", "load_volume", "main", "run"]
 
@@ -69,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mome-seg", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("input", type=Path, help="NIfTI volume (.nii/.nii.gz), DICOM folder or zip of DICOM files")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument(
+        "-o", "--out", type=Path, required=True, help="output folder (created; a re-run replaces only MoME's files)"
+    )
     parser.add_argument("--modality", choices=MODALITIES, help="recorded in the report (MoME does not need it)")
     parser.add_argument("--model", type=Path, help="bundle folder (default: the installed bundle, $MOME_BUNDLE)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
@@ -99,6 +110,14 @@ def guess_modality(path: Path) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def _zero_based(array: np.ndarray) -> np.ndarray:
+    """float32 copy with the minimum subtracted in float64 first, so large offsets (``scl_inter``, 32-bit data) keep
+    their precision; a volume with NaN or infinite values is only cast (the segmenter rejects it, naming the count)."""
+    if not np.isfinite(array).all():
+        return array.astype(np.float32)
+    return (array - array.min()).astype(np.float32)
+
+
 def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     """Reads a NIfTI volume as float32 (X, Y, Z) with its RAS affine; rejects what cannot be a 3-D MR volume."""
     if not path.is_file():
@@ -107,7 +126,8 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         raise InputRejected(f"{path}: not a NIfTI file (.nii/.nii.gz); give DICOM as a folder or a zip.")
     try:
         image = nib.load(path)
-        array = np.asarray(image.dataobj, dtype=np.float32)
+        phi.register_nifti_header(image.header)  # its free text (descrip...) may hold a name: never echoed
+        array = _zero_based(np.asarray(image.dataobj, dtype=np.float64))
     except Exception as error:  # nibabel raises several types for corrupt files
         raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
     if array.ndim == 4 and array.shape[3] == 1:
@@ -122,18 +142,20 @@ def _say(quiet: bool):
 
     def say(message: str) -> None:
         if not quiet:
-            print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+            print(phi.redact(f"[{time.perf_counter() - started:6.1f} s] {message}"), file=sys.stderr, flush=True)
 
     return say
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, header: nib.Nifti1Header | None = None) -> None:
-    image = nib.Nifti1Image(data, affine, header=header)
+def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, like: nib.Nifti1Header | None = None) -> None:
+    """Writes ``data`` with a new header holding the geometry only: ``affine`` as qform and sform (with ``like``'s
+    codes) and ``like``'s units. No text field of the input header (``descrip``, ``aux_file``...) is copied."""
+    image = nib.Nifti1Image(data, affine)
     image.set_data_dtype(data.dtype)
-    if header is not None:
-        image.header.set_slope_inter(1.0, 0.0)
-        image.set_qform(affine, code=int(header["qform_code"]) or 1)
-        image.set_sform(affine, code=int(header["sform_code"]) or 1)
+    if like is not None:
+        image.set_qform(affine, code=int(like["qform_code"]) or 1)
+        image.set_sform(affine, code=int(like["sform_code"]) or 1)
+        image.header.set_xyzt_units(*like.get_xyzt_units())
     nib.save(image, path)
 
 
@@ -155,9 +177,9 @@ def _segmenter(args: argparse.Namespace, say):
 def _failure(error: Exception) -> int:
     """Prints why nothing was segmented; exit 2 for a missing file or model, 3 for a rejected input."""
     if isinstance(error, FileNotFoundError):
-        print(f"mome-seg: {error}", file=sys.stderr)
+        print(phi.redact(f"mome-seg: {error}"), file=sys.stderr)
         return EXIT_USAGE
-    print(f"mome-seg: input rejected: {error}", file=sys.stderr)
+    print(phi.redact(f"mome-seg: input rejected: {error}"), file=sys.stderr)
     return EXIT_REJECTED
 
 
@@ -180,10 +202,16 @@ def run_dicom_input(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Segments ``args.input``; returns the exit code."""
+    """Segments ``args.input``; returns the exit code.
+
+    Raises:
+        UnusableOutputFolder: ``args.out`` cannot receive results (checked before the model or the input is read).
+    """
+    check_output_folder(args.out)
     if is_dicom_input(args.input):
         return run_dicom_input(args)
     from operators.qc_image import qc_caption, save_qc_png
+    from operators.study_pipeline import staging_dir
     from scripts.metrics import lesion_summary
     from scripts.registration import VolumeRejected
 
@@ -218,9 +246,8 @@ def run(args: argparse.Namespace) -> int:
         report["outputs"].update(mni_image=f"{stem}_mni.nii.gz", mni_segmentation=f"{stem}_mni_seg.nii.gz")
     for warning in report["warnings"]:
         say(f"WARNING: {warning}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.out, prefix=".mome-seg-") as staging:
-        staged = Path(staging)
+    staged = staging_dir(args.out)
+    try:
         _save_nifti(result.labels, affine, staged / report["outputs"]["segmentation"], header)
         caption = qc_caption(report["modality"] or "MR", report, report["model"])
         save_qc_png(array, result.labels, affine, staged / report["outputs"]["qc_png"], caption)
@@ -232,8 +259,9 @@ def run(args: argparse.Namespace) -> int:
         report["seconds"] = {k: round(v, 2) for k, v in result.seconds.items()}
         report["seconds"]["total"] = round(time.perf_counter() - total, 2)
         (staged / "report.json").write_text(json.dumps(report, indent=2))
-        for item in staged.iterdir():
-            item.replace(args.out / item.name)
+        publish([Staged(staged, args.out, args.input.name)])
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     say(
         f"done: {report['lesion_volume_ml']} mL in {report['lesion_count']} lesion(s) -> "
         f"{args.out / report['outputs']['segmentation']}"
@@ -249,10 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     from app.bundle_path import use_bundle_scripts
 
+    phi.install()  # no patient name or ID in any log record or warning (operators/phi.py)
     try:
         use_bundle_scripts(args.model)
         return run(args)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, UnusableOutputFolder) as error:
         print(f"mome-seg: {error}", file=sys.stderr)
         return EXIT_USAGE
     except Exception:  # noqa: BLE001 - the CLI's last line of defence: exit 1 with the traceback

@@ -8,11 +8,14 @@ same: per study ``OUT/<StudyInstanceUID>/`` with ``seg_<SeriesInstanceUID>.dcm``
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from operators.limits import InputLimits
 from operators.modality_router import MODALITIES, load_rules
+from operators.output_folder import UnusableOutputFolder, check_output_folder, missing_folders, remove_empty
 from operators.study_loader import dicom_root, scan_studies
 from operators.study_pipeline import (
     NothingToSegment,
@@ -24,7 +27,7 @@ from operators.study_pipeline import (
     write_segs,
 )
 
-__all__ = ["NothingToSegment", "run_dicom"]
+__all__ = ["NothingToSegment", "UnusableOutputFolder", "run_dicom"]
 
 
 def run_dicom(
@@ -37,33 +40,42 @@ def run_dicom(
     progress: Callable[[str], None] | None = None,
     plus_segmenter: Any = None,
     mode: str = "auto",
+    limits: InputLimits | None = None,
 ) -> list[dict[str, Any]]:
     """Segments every study under ``source`` (folder or zip); returns the study reports (also written as JSON).
 
-    ``plus_segmenter`` (a :class:`scripts.pipeline.MoMEPlusSegmenter`) and ``mode`` as in ``segment_study``.
+    ``plus_segmenter`` (a :class:`scripts.pipeline.MoMEPlusSegmenter`) and ``mode`` as in ``segment_study``;
+    ``limits`` (default :meth:`InputLimits.from_env`) bound the zip and the series read.
 
     Raises:
+        LimitSettingError: a ``MOME_MAX_*`` variable is not a positive number.
+        LimitExceeded: the zip is over a limit (a series over a limit is rejected like any other bad series).
+        UnusableOutputFolder: ``out`` cannot receive results (checked before anything is read; nothing is created).
         NothingToSegment: no DICOM study, or no series that the router accepts and that converts to a volume.
     """
+    out = check_output_folder(out)
     rules = load_rules(rules_file)
-    with dicom_root(source) as root:
-        found = scan_studies(root)
-        if not found.studies:
-            raise NothingToSegment(f"{source}: no DICOM image instances found ({found.skipped_files} other files).")
-        staging = staging_dir(out)
-        reports, works = [], []
-        try:
-            for study_uid, series in sorted(found.studies.items()):
-                work = route_study(study_uid, series, rules, modalities, all_series)
-                work.skipped_files = found.skipped_files
-                segment_study(work, segmenter, progress, plus_segmenter, mode)
-                write_segs(work, staging / study_uid)
-                reports.append(write_report(work, staging / study_uid))
-                works.append(work)
-        finally:
-            if len(works) != len(found.studies):  # an unexpected error: leave nothing behind
-                import shutil
-
-                shutil.rmtree(staging, ignore_errors=True)
-        commit(staging, out, works, str(source))
+    limits = limits or InputLimits.from_env()
+    created = missing_folders(out)
+    try:
+        with dicom_root(source, limits) as root:
+            found = scan_studies(root)
+            if not found.studies:
+                raise NothingToSegment(f"{source}: no DICOM image instances found ({found.skipped_files} other files).")
+            staging = staging_dir(out)
+            reports, works = [], []
+            try:
+                for study_uid, series in sorted(found.studies.items()):
+                    work = route_study(study_uid, series, rules, modalities, all_series)
+                    work.skipped_files = found.skipped_files
+                    segment_study(work, segmenter, progress, plus_segmenter, mode, limits)
+                    write_segs(work, staging / study_uid)
+                    reports.append(write_report(work, staging / study_uid))
+                    works.append(work)
+            finally:
+                if len(works) != len(found.studies):  # an unexpected error: leave nothing behind
+                    shutil.rmtree(staging, ignore_errors=True)
+            commit(staging, out, works, str(source))
+    finally:
+        remove_empty(created)  # the parents staging created, when nothing was written
     return reports

@@ -17,12 +17,14 @@ from typing import Any
 from monai.deploy.core import Operator, OperatorSpec
 
 from operators.modality_router import MODALITIES, load_rules
+from operators.phi import redacts_errors
 from operators.study_loader_operator import SKIPPED_FILES_KEY
 from operators.study_pipeline import route_study
 
 __all__ = ["ModalityRouterOperator"]
 
 
+@redacts_errors
 class ModalityRouterOperator(Operator):
     """Routes series by header rules; one series per modality (documented preference) unless ``all_series``."""
 

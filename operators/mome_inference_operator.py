@@ -16,17 +16,21 @@ from typing import Any
 
 from monai.deploy.core import Operator, OperatorSpec
 
+from operators.limits import InputLimits
+from operators.phi import redacts_errors
 from operators.study_pipeline import segment_study
 
 __all__ = ["MoMEInferenceOperator"]
 
 
+@redacts_errors
 class MoMEInferenceOperator(Operator):
     """Segments lesions with a MoME bundle.
 
     ``device`` None picks CUDA when available; ``tta`` adds mirroring; ``profile`` picks the inference profile
     (None: the bundle's ``profile`` id); ``mode`` (``auto``, ``single``, ``plus``) decides whether the T1/T1ce/T2/FLAIR
-    series of a study go to the bundle's MoME+ model together (see ``operators.study_pipeline``).
+    series of a study go to the bundle's MoME+ model together (see ``operators.study_pipeline``); ``limits`` bound
+    the series whose pixels are read (None: :meth:`InputLimits.from_env` at each study).
     """
 
     def __init__(
@@ -41,10 +45,11 @@ class MoMEInferenceOperator(Operator):
         segmenter: Any = None,
         mode: str = "auto",
         plus_segmenter: Any = None,
+        limits: InputLimits | None = None,
         **kwargs: Any,
     ) -> None:
         self.bundle_path, self.device, self.tta, self.profile = Path(bundle_path), device, tta, profile
-        self.progress, self.mode = progress, mode
+        self.progress, self.mode, self.limits = progress, mode, limits
         self._segmenter = segmenter  # None: built from the bundle at the first study
         self._plus_segmenter = plus_segmenter
         self._built = segmenter is not None
@@ -75,5 +80,5 @@ class MoMEInferenceOperator(Operator):
         works = op_input.receive("studies")
         if any(work.tasks for work in works):
             single, plus = self.segmenter()
-            works = [segment_study(work, single, self.progress, plus, self.mode) for work in works]
+            works = [segment_study(work, single, self.progress, plus, self.mode, self.limits) for work in works]
         op_output.emit(works, "studies")

@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
+from operators.phi import redact
+
 __all__ = ["qc_caption", "qc_image", "save_qc_png"]
 
 PANEL_MM = 220.0  # field of view of one panel at the output scale (pixels = mm * scale)
@@ -102,6 +104,7 @@ def qc_image(array: np.ndarray, labels: np.ndarray, affine: np.ndarray, caption:
 
 
 def save_qc_png(array: np.ndarray, labels: np.ndarray, affine: np.ndarray, path: Path, caption: str = "") -> Path:
-    """Writes :func:`qc_image` as a PNG; returns the path."""
-    qc_image(array, labels, affine, caption).save(path, format="PNG")
+    """Writes :func:`qc_image` as a PNG (no text chunks; the caption redacted, see ``operators.phi``); returns the
+    path."""
+    qc_image(array, labels, affine, redact(caption)).save(path, format="PNG")
     return path

@@ -1,8 +1,9 @@
 """``ReportWriterOperator``: QC PNGs and ``report.json`` per study, then the atomic move into the output folder.
 
 Wraps :func:`operators.study_pipeline.write_report` and :func:`~operators.study_pipeline.commit`. It never raises for
-an input that yields nothing to segment: it hands the outcome (the reports, or the :class:`NothingToSegment` error) to
-``on_done`` so the application can choose its exit code without a graph failure.
+an input that yields nothing to segment or an output folder that cannot take the files: it hands the outcome (the
+reports, or the :class:`NothingToSegment` / :class:`UnusableOutputFolder` error) to ``on_done`` so the application can
+choose its exit code without a graph failure.
 
 Named input:
     studies: ``List[StudyWork]`` with their SEGs written to ``staging``.
@@ -16,11 +17,14 @@ from typing import Any
 
 from monai.deploy.core import Operator, OperatorSpec
 
+from operators.output_folder import UnusableOutputFolder
+from operators.phi import redacts_errors
 from operators.study_pipeline import NothingToSegment, commit, write_report
 
 __all__ = ["ReportWriterOperator"]
 
 
+@redacts_errors
 class ReportWriterOperator(Operator):
     """Writes reports and QC images into ``staging`` and commits them to ``output_folder``."""
 
@@ -30,7 +34,7 @@ class ReportWriterOperator(Operator):
         *args: Any,
         staging: Path,
         output_folder: Path,
-        on_done: Callable[[list[dict] | NothingToSegment], None],
+        on_done: Callable[[list[dict] | NothingToSegment | UnusableOutputFolder], None],
         source: str = "input",
         **kwargs: Any,
     ) -> None:
@@ -46,7 +50,7 @@ class ReportWriterOperator(Operator):
         reports = [write_report(work, self.staging / work.study_uid) for work in works]
         try:
             commit(self.staging, self.output_folder, works, self.source)
-        except NothingToSegment as error:
+        except (NothingToSegment, UnusableOutputFolder) as error:
             self.on_done(error)
             return
         self.on_done(reports)

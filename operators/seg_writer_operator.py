@@ -15,11 +15,13 @@ from typing import Any
 
 from monai.deploy.core import Operator, OperatorSpec
 
+from operators.phi import redacts_errors
 from operators.study_pipeline import write_segs
 
 __all__ = ["LesionSegWriterOperator"]
 
 
+@redacts_errors
 class LesionSegWriterOperator(Operator):
     """Writes the SEGs of every study into ``staging``."""
 

@@ -2,24 +2,40 @@
 
 Non-DICOM files (and DICOMDIR indexes) are skipped and counted; pixel data are read later, only for the series that
 are segmented. Patient identifiers are never logged; studies and series are named by their UIDs.
+
+A zip is checked against :class:`operators.limits.InputLimits` on its central directory before anything is extracted,
+then extracted member by member with each copy stopped at the member's declared size, into a temporary folder that is
+removed afterwards, also when the archive is refused. Members outside that folder, symbolic links and encrypted
+members are refused; folder entries are skipped.
 """
 
 from __future__ import annotations
 
+import errno
+import lzma
+import stat
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import BinaryIO, Dict, Iterator, List
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["DicomInput", "dicom_root", "scan_studies"]
+from operators.limits import InputLimits
+from operators.phi import register_dataset
+
+__all__ = ["DicomInput", "copy_at_most", "dicom_root", "scan_studies"]
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+CHUNK_BYTES = 1 << 20
+# what a damaged or unsupported archive raises while it is read (a full disk is not the input's fault: re-raised)
+ARCHIVE_FAULTS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, OSError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -34,21 +50,74 @@ class DicomInput:
 
 
 @contextmanager
-def dicom_root(path: Path) -> Iterator[Path]:
-    """``path`` itself for a folder; a zip is extracted into a temporary folder (removed afterwards)."""
+def dicom_root(path: Path, limits: InputLimits | None = None) -> Iterator[Path]:
+    """``path`` itself for a folder; a zip is extracted into a temporary folder (removed afterwards).
+
+    ``limits`` defaults to :meth:`InputLimits.from_env`.
+
+    Raises:
+        LimitExceeded: the zip has too many members, too large a total size or too high a compression ratio.
+        ValueError: not a folder or zip; a member outside the folder, a symbolic link or encrypted; a damaged zip.
+    """
     if path.is_dir():
         yield path
         return
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a folder or a zip archive of DICOM files.")
-    with tempfile.TemporaryDirectory(prefix="mome-dicom-") as folder, zipfile.ZipFile(path) as archive:
+    limits = limits or InputLimits.from_env()
+    with tempfile.TemporaryDirectory(prefix="mome-dicom-") as folder:
         root = Path(folder).resolve()
-        for member in archive.infolist():
-            target = (root / member.filename).resolve()
-            if root not in target.parents and target != root:
-                raise ValueError(f"{path}: unsafe path in the archive ({member.filename!r}).")
-        archive.extractall(root)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _extract(archive, path, root, limits)
+        except ARCHIVE_FAULTS as error:
+            if getattr(error, "errno", None) in DISK_FULL:
+                raise
+            raise ValueError(f"{path}: damaged or unsupported zip ({type(error).__name__}: {error}).") from error
         yield root
+
+
+def _extract(archive: zipfile.ZipFile, path: Path, root: Path, limits: InputLimits) -> None:
+    """Checks the declared sizes of ``archive`` (read from ``path``), then copies each file member into ``root``."""
+    name, members = str(path), archive.infolist()
+    limits.check("max_archive_members", len(members), name)
+    total = sum(member.file_size for member in members)
+    limits.check("max_archive_bytes", total, name)
+    limits.check("max_archive_ratio", total / max(path.stat().st_size, 1), name)
+    targets = [_member_target(root, member, name) for member in members]  # every member is checked before writing
+    for member, target in zip(members, targets):
+        if member.is_dir():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member) as source, target.open("wb") as sink:
+            copy_at_most(source, sink, member.file_size, f"{name}: member {member.filename!r}")
+
+
+def _member_target(root: Path, member: zipfile.ZipInfo, name: str) -> Path:
+    """Where a member is extracted; refuses a path outside ``root``, a symbolic link and an encrypted member."""
+    if stat.S_ISLNK(member.external_attr >> 16):
+        raise ValueError(f"{name}: symbolic link in the archive ({member.filename!r}).")
+    if member.flag_bits & 0x1:
+        raise ValueError(f"{name}: encrypted member in the archive ({member.filename!r}).")
+    target = (root / member.filename).resolve()
+    if root not in target.parents and target != root:
+        raise ValueError(f"{name}: unsafe path in the archive ({member.filename!r}).")
+    return target
+
+
+def copy_at_most(source: BinaryIO, sink: BinaryIO, size: int, name: str) -> int:
+    """Copies ``source`` into ``sink`` in chunks and returns the byte count; never writes more than ``size`` bytes.
+
+    Raises:
+        ValueError: ``source`` holds more than ``size`` bytes (an archive member larger than its declared size).
+    """
+    copied = 0
+    while chunk := source.read(min(CHUNK_BYTES, size - copied + 1)):
+        copied += len(chunk)
+        if copied > size:
+            raise ValueError(f"{name}: larger than its declared size of {size} bytes (damaged or crafted archive).")
+        sink.write(chunk)
+    return copied
 
 
 def scan_studies(root: Path) -> DicomInput:
@@ -58,6 +127,7 @@ def scan_studies(root: Path) -> DicomInput:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
+            register_dataset(header)  # before any value is read: libraries may quote values in warnings and logs
         except (InvalidDicomError, OSError, ValueError, EOFError):
             skipped += 1
             continue

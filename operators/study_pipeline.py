@@ -13,14 +13,14 @@ and its SEG references every contributing series. Other series (DWI) still go th
 Per study (``OUT/<StudyInstanceUID>/``): ``seg_<SeriesInstanceUID>.dcm`` (DICOM-SEG), ``sr_<SeriesInstanceUID>.dcm``
 (TID 1500 SR with the lesion volume, referencing the SEG), ``qc_<SeriesInstanceUID>.png`` and ``report.json``.
 Outputs are staged in a hidden sibling folder of ``OUT`` (same file system) and moved into place by ``os.replace``
-only when at least one series was segmented, so a rejected input leaves nothing behind. Patient names and IDs are
+only when at least one series was segmented, so a rejected input leaves nothing behind. A re-run replaces only the
+files that the previous run's manifest (``.mome-manifest.json``) lists; other files stay. Patient names and IDs are
 never logged or reported; studies, series and instances are named by their UIDs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -32,11 +32,16 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from operators.clean_stop import CREATED, STAGING, record_path
 from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
+from operators.limits import InputLimits, check_series
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify
+from operators.output_folder import Staged, publish
+from operators.phi import redact_values
 from operators.qc_image import qc_caption, save_qc_png
 from operators.seg_writer import add_referenced_series, build_seg, segments_for
 from operators.sr_writer import build_volume_sr
+from operators.text import printable
 
 __all__ = [
     "MODES",
@@ -76,6 +81,7 @@ class SeriesTask:
     plus_sources: list[SeriesTask] = field(default_factory=list)  # MoME+ reference: the other contributing series
     plus_reference: str | None = None  # MoME+ contributor: SeriesInstanceUID of the reference series
     in_plus_group: bool = False
+    alternatives: list[SeriesTask] = field(default_factory=list)  # next candidates of this modality, preferred first
 
 
 @dataclass
@@ -104,7 +110,9 @@ def route_study(
     """Classifies every series of a study (``series``: SeriesInstanceUID -> instances) and picks what to segment.
 
     Each decision records ``selected`` and, for a supported series that is not segmented, ``not_selected`` (its
-    modality was not requested, or another series of that modality is preferred).
+    modality was not requested, or another series of that modality is preferred). Without ``all_series`` each task
+    keeps the other series of its modality, preferred first, as ``alternatives``: when the chosen series fails its
+    checks, :func:`segment_study` falls back to the next one.
     """
     routed, by_uid = [], {}
     for series_uid, instances in sorted(series.items()):
@@ -112,30 +120,40 @@ def route_study(
         header = SeriesHeader.from_dataset(instances[0], n_instances=len(instances) if len(instances) > 1 else None)
         routed.append((header, classify(header, rules)))
         by_uid[series_uid] = instances
-    chosen = choose(routed, modalities, all_series)
+    ranked = choose(routed, modalities, all_series=True)
+    chosen = {modality: headers if all_series else headers[:1] for modality, headers in ranked.items()}
     selected = {header.series_uid for headers in chosen.values() for header in headers}
     decisions = []
     for header, decision in routed:
         record = {**decision.to_dict(), "instances": len(by_uid[header.series_uid])}
+        record["description"] = printable(record["description"])
         record["selected"] = header.series_uid in selected
         if decision.modality and not record["selected"]:
             requested = decision.modality in modalities
             record["not_selected"] = "another series preferred" if requested else "modality not requested"
         decisions.append(record)
-    tasks = [
-        SeriesTask(modality, header, list(by_uid[header.series_uid]))
-        for modality, headers in sorted(chosen.items())
-        for header in headers
-    ]
+    tasks = []
+    for modality, headers in sorted(chosen.items()):
+        for header in headers:
+            task = SeriesTask(modality, header, list(by_uid[header.series_uid]))
+            if not all_series:
+                task.alternatives = [SeriesTask(modality, h, list(by_uid[h.series_uid])) for h in ranked[modality][1:]]
+            tasks.append(task)
     return StudyWork(study_uid, decisions, tasks)
 
 
-def read_pixels(instances: Sequence[Any], name: str) -> list[Any]:
+def read_pixels(instances: Sequence[Any], name: str, limits: InputLimits | None = None) -> list[Any]:
     """Full datasets: instances read without pixel data (``stop_before_pixels``) are read again from their file.
 
+    The series' declared matrix, slices and voxels are checked against ``limits`` (default
+    :meth:`InputLimits.from_env`) first, so no pixel data is read or decoded for a series over a limit.
+
     Raises:
-        SeriesRejected: an instance has no pixel data or its file cannot be read (named by SOPInstanceUID).
+        SeriesLimitExceeded: the series is over a limit (a :class:`SeriesRejected`).
+        SeriesRejected: an instance has no pixel data, no valid Rows/Columns, or its file cannot be read (named by
+            SOPInstanceUID).
     """
+    check_series(instances, name, limits or InputLimits.from_env())
     full = []
     for ds in instances:
         if "PixelData" not in ds and getattr(ds, "filename", None):
@@ -150,10 +168,10 @@ def read_pixels(instances: Sequence[Any], name: str) -> list[Any]:
     return full
 
 
-def _segment_task(task: SeriesTask, segmenter: Any, say: Progress) -> None:
+def _segment_task(task: SeriesTask, segmenter: Any, say: Progress, limits: InputLimits) -> None:
     name = f"series {task.header.series_uid}"
     started = time.perf_counter()
-    task.volume = series_to_volume(read_pixels(task.instances, name))
+    task.volume = series_to_volume(read_pixels(task.instances, name, limits))
     task.seconds["dicom_load"] = time.perf_counter() - started
     task.segmentation = segmenter.segment(
         task.volume.array, task.volume.affine, name=name, modality=task.modality, progress=say
@@ -167,14 +185,17 @@ def segment_study(
     say: Progress | None = None,
     plus_segmenter: Any = None,
     mode: str = "auto",
+    limits: InputLimits | None = None,
 ) -> StudyWork:
     """Runs MoME on every chosen series (and MoME+ on a group of them, see the module docstring); a series that
-    cannot become a volume is recorded as rejected.
+    cannot become a volume, or is over one of the ``limits`` (default :meth:`InputLimits.from_env`), is recorded as
+    rejected.
 
     ``segmenter`` may be ``None`` when the bundle holds only a MoME+ model: series MoME+ cannot take are then
     recorded as not segmented, with that reason.
     """
     say = say or (lambda _: None)
+    limits = limits or InputLimits.from_env()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     work.model = (segmenter or plus_segmenter).describe()
@@ -187,16 +208,54 @@ def segment_study(
             reason = f"{name}: the bundle has no single-modality MoME model for {task.modality}"
             work.entries[task.header.series_uid] = {"modality": task.modality, "rejected": reason}
             continue
-        say(f"study {work.study_uid}: {task.modality} series {task.header.series_uid}")
-        try:
-            _segment_task(task, segmenter, say)
-        except SeriesRejected as error:
-            say(f"series {task.header.series_uid} rejected: {error}")
-            work.entries[task.header.series_uid] = {"modality": task.modality, "rejected": str(error)}
+        done = _segment_with_fallback(work, task, segmenter, say, limits)
+        if done is not None and done is not task:
+            work.tasks[work.tasks.index(task)] = done
     if group:
         work.model["mome_plus"] = plus_segmenter.describe()
-        _segment_plus(work, group, plus_segmenter, say)
+        _segment_plus(work, group, plus_segmenter, say, limits)
     return work
+
+
+def _rejections() -> tuple[type[Exception], ...]:
+    """The errors that reject one series: its DICOM checks and the segmenter's (a volume or registration that fails
+    its checks, :class:`scripts.registration.VolumeRejected`)."""
+    try:
+        from scripts.registration import VolumeRejected
+    except ImportError:  # the bundle's scripts are not importable: only segmenters of the caller's own run
+        return (SeriesRejected,)
+    return (SeriesRejected, VolumeRejected)
+
+
+def _reject(work: StudyWork, task: SeriesTask, error: Exception, say: Progress, fallback: SeriesTask | None) -> None:
+    """Records why ``task``'s series was not segmented (and which series of its modality is tried instead)."""
+    say(f"series {task.header.series_uid} rejected: {printable(error, None)}")
+    entry: dict[str, Any] = {"modality": task.modality, "rejected": printable(error, None)}
+    if fallback is not None:
+        entry["fallback_series"] = fallback.header.series_uid
+        say(f"falling back to series {fallback.header.series_uid} for {task.modality}")
+        for decision in work.decisions:
+            if decision["series_uid"] == fallback.header.series_uid:
+                decision.update(selected=True, fallback_for=task.header.series_uid)
+                decision.pop("not_selected", None)
+    work.entries[task.header.series_uid] = entry
+
+
+def _segment_with_fallback(
+    work: StudyWork, task: SeriesTask, segmenter: Any, say: Progress, limits: InputLimits
+) -> SeriesTask | None:
+    """Segments ``task``'s series or, when it fails its checks, the next of its ``alternatives``; returns the task
+    that was segmented (None: every candidate was rejected, each with its reason in ``work.entries``)."""
+    candidates = [task, *task.alternatives]
+    for index, candidate in enumerate(candidates):
+        say(f"study {work.study_uid}: {candidate.modality} series {candidate.header.series_uid}")
+        try:
+            _segment_task(candidate, segmenter, say, limits)
+            return candidate
+        except _rejections() as error:
+            fallback = candidates[index + 1] if index + 1 < len(candidates) else None
+            _reject(work, candidate, error, say, fallback)
+    return None
 
 
 def _plus_group(tasks: Sequence[SeriesTask], plus_segmenter: Any, mode: str) -> dict[str, SeriesTask]:
@@ -214,29 +273,81 @@ def _plus_group(tasks: Sequence[SeriesTask], plus_segmenter: Any, mode: str) -> 
     return group
 
 
-def _segment_plus(work: StudyWork, group: dict[str, SeriesTask], plus_segmenter: Any, say: Progress) -> None:
-    from scripts.pipeline import PlusChannel
+def _load_plus_channel(
+    work: StudyWork, candidates: list[SeriesTask], say: Progress, limits: InputLimits
+) -> SeriesTask | None:
+    """Loads and checks the first of ``candidates`` (one modality, preferred first) that passes; rejected ones are
+    recorded and removed from the list, the loaded one too. None: no candidate is left."""
+    from scripts.registration import validate_volume
 
-    loaded: dict[str, SeriesTask] = {}
-    for modality, task in group.items():
+    while candidates:
+        task = candidates.pop(0)
         name = f"series {task.header.series_uid}"
         started = time.perf_counter()
         try:
-            task.volume = series_to_volume(read_pixels(task.instances, name))
-        except SeriesRejected as error:
-            say(f"series {task.header.series_uid} rejected: {error}")
-            work.entries[task.header.series_uid] = {"modality": modality, "rejected": str(error)}
+            task.volume = series_to_volume(read_pixels(task.instances, name, limits))
+            validate_volume(task.volume.array, task.volume.affine, name)
+        except _rejections() as error:
+            _reject(work, task, error, say, candidates[0] if candidates else None)
             continue
         task.seconds["dicom_load"] = time.perf_counter() - started
-        loaded[modality] = task
-    if not loaded:
+        task.in_plus_group = True
+        return task
+    return None
+
+
+def _segment_plus(
+    work: StudyWork, group: dict[str, SeriesTask], plus_segmenter: Any, say: Progress, limits: InputLimits
+) -> None:
+    """MoME+ on the group; a series that fails its checks falls back to the next of its modality, and a reference
+    series whose registration fails is rejected and the group is segmented again without it."""
+    remaining = {modality: [task, *task.alternatives] for modality, task in group.items()}
+    loaded: dict[str, SeriesTask] = {}
+    for modality, candidates in remaining.items():
+        _add_plus_channel(work, loaded, modality, _load_plus_channel(work, candidates, say, limits), group)
+    while loaded:
+        reference = min(loaded, key=lambda m: (_voxel_ml(loaded[m].volume), PLUS_REFERENCE_ORDER.index(m)))
+        say(f"study {work.study_uid}: MoME+ on {', '.join(loaded)} (reference {reference})")
+        try:
+            _run_plus(work, loaded, reference, plus_segmenter, say)
+            return
+        except _rejections() as error:
+            failed = loaded.pop(reference)
+            replacement = remaining[reference][0] if remaining[reference] else None
+            _reject(work, failed, error, say, replacement)
+            _add_plus_channel(
+                work, loaded, reference, _load_plus_channel(work, remaining[reference], say, limits), group
+            )
+
+
+def _add_plus_channel(
+    work: StudyWork,
+    loaded: dict[str, SeriesTask],
+    modality: str,
+    task: SeriesTask | None,
+    group: dict[str, SeriesTask],
+) -> None:
+    """Puts a loaded MoME+ channel in place of its modality's original task (``work.tasks`` lists what was run)."""
+    if task is None:
         return
-    reference = min(loaded, key=lambda m: (_voxel_ml(loaded[m].volume), PLUS_REFERENCE_ORDER.index(m)))
+    original = group[modality]
+    if task is not original and original in work.tasks:
+        work.tasks[work.tasks.index(original)] = task
+    elif task is not original:
+        work.tasks.append(task)
+    loaded[modality] = task
+
+
+def _run_plus(
+    work: StudyWork, loaded: dict[str, SeriesTask], reference: str, plus_segmenter: Any, say: Progress
+) -> None:
+    """One MoME+ run on the loaded channels; records every contributing series (raises the segmenter's rejection)."""
+    from scripts.pipeline import PlusChannel
+
     channels = {
         m: PlusChannel(t.volume.array, t.volume.affine, _frame_of_reference(t.volume), f"series {t.header.series_uid}")
         for m, t in loaded.items()
     }
-    say(f"study {work.study_uid}: MoME+ on {', '.join(loaded)} (reference {reference})")
     ref_task = loaded[reference]
     ref_task.segmentation = plus_segmenter.segment_channels(channels, reference, say)
     ref_task.seconds.update(ref_task.segmentation.seconds)
@@ -279,11 +390,12 @@ def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
         work.entries[task.header.series_uid] = {
             "modality": task.modality,
             "series_number": task.header.series_number,
-            "description": task.header.description,
+            "description": printable(task.header.description),
             "shape": list(task.volume.array.shape),
             **entry.pop("lesions"),
             "registration": registration,
             "warnings": list(registration["warnings"]) + entry.pop("warnings", []),
+            **({"geometry_corrections": list(task.volume.corrections)} if task.volume.corrections else {}),
             "inference": getattr(task.segmentation, "inference", {}),
             **entry,
         }
@@ -402,8 +514,9 @@ def write_report(work: StudyWork, study_dir: Path) -> dict[str, Any]:
         "study_instance_uid": work.study_uid,
         "model": work.model,
         "summary": _study_summary(work),
-        "series": work.decisions,
-        "segmented": work.entries,
+        # descriptions and reasons quote header text: without patient names and IDs (operators/phi.py)
+        "series": redact_values(work.decisions),
+        "segmented": redact_values(work.entries),
         "skipped_non_dicom_files": work.skipped_files,
     }
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -414,8 +527,23 @@ def write_report(work: StudyWork, study_dir: Path) -> dict[str, Any]:
 def staging_dir(out: Path) -> Path:
     """A hidden, empty folder beside ``out`` (same file system, so :func:`commit` moves are atomic renames)."""
     out = out.resolve()
+    missing = first_missing_folder(out.parent)
+    if missing is not None:
+        record_path(CREATED, missing)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.mome-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.mome-", dir=out.parent))
+    record_path(STAGING, staging)
+    return staging
+
+
+def first_missing_folder(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
 
 
 def nothing_to_segment_reason(works: Sequence[StudyWork]) -> str:
@@ -432,19 +560,17 @@ def nothing_to_segment_reason(works: Sequence[StudyWork]) -> str:
 
 
 def commit(staging: Path, out: Path, works: Sequence[StudyWork], source: str = "input") -> None:
-    """Moves each study's staged outputs to ``out/<StudyInstanceUID>`` and removes the staging folder.
+    """Publishes each study's staged outputs into ``out/<StudyInstanceUID>`` and removes the staging folder.
+
+    A re-run replaces only the files MoME wrote there (:func:`operators.output_folder.publish`); other files stay.
 
     Raises:
         NothingToSegment: no study has a segmented series; nothing is written and staging is removed.
+        UnusableOutputFolder: a study folder cannot receive the files; nothing is written and staging is removed.
     """
     try:
         if not any(work.segmented_series for work in works):
             raise NothingToSegment(f"{source}: no series could be segmented ({nothing_to_segment_reason(works)}).")
-        out.mkdir(parents=True, exist_ok=True)
-        for work in works:
-            target = out / work.study_uid
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging / work.study_uid, target)
+        publish([Staged(staging / work.study_uid, out / work.study_uid, work.study_uid) for work in works])
     finally:
         shutil.rmtree(staging, ignore_errors=True)

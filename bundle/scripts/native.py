@@ -27,6 +27,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import GaussianSmooth, MapTransform
 
+from .intensity import normalise_intensity
 from .registration import RegistrationSettings, register_to_template, validate_volume
 from .template import mome_brain_mask, sample_at_voxels, template_grid, voxel_to_world
 
@@ -182,10 +183,11 @@ class NativeToMoMEd(MapTransform):
             name = str(image.meta.get("filename_or_obj", key)) if isinstance(image, MetaTensor) else str(key)
             array = image[0].detach().cpu().numpy()
             validate_volume(array, affine, name)
+            array = normalise_intensity(array)
             record = _record(d.get(self.registration_key)) or {}
             if "native_to_template" not in record:
                 modality = d.get(self.modality_key)
-                record.update(register_to_template(array, affine, self.settings, modality).to_dict())
+                record.update(register_to_template(array, affine, self.settings, modality, name).to_dict())
             native_to_template = np.asarray(record["native_to_template"], dtype=float)
             mome, mome_affine = to_mome_space(array, affine, native_to_template, self.spacing)
             record.update(native_affine=affine.tolist(), native_shape=list(array.shape), spacing=self.spacing)

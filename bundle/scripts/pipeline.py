@@ -17,6 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import NormalizeIntensity
 
+from .intensity import normalise_intensity
 from .native import probabilities_to_native, to_mome_space
 from .networks import MoMEPlus
 from .registration import (
@@ -130,14 +131,21 @@ class MoMESegmenter:
     ) -> NativeSegmentation:
         """Registers, segments and maps back one native (X, Y, Z) volume with its RAS ``affine``.
 
-        ``modality`` only chooses the registration template's contrast; MoME itself needs no modality label.
+        ``modality`` only chooses the registration template's contrast; MoME itself needs no modality label. The
+        intensities are normalised first (:func:`scripts.intensity.normalise_intensity`), so the stored offset and
+        scale do not matter.
+
+        Raises:
+            VolumeRejected: a volume that cannot be segmented, or whose registration fails its quality checks
+                (:class:`scripts.registration.RegistrationFailed`); the message names ``name``.
         """
         say = progress or (lambda _: None)
         validate_volume(array, affine, name)
+        array = normalise_intensity(array)
         seconds: Dict[str, float] = {}
         started = time.perf_counter()
         say("registering to the MNI152 2009a template")
-        registration = register_to_template(array, affine, self.registration_settings, modality)
+        registration = register_to_template(array, affine, self.registration_settings, modality, name)
         seconds["registration"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -239,11 +247,15 @@ class MoMEPlusSegmenter(MoMESegmenter):
             )
         for channel in channels.values():
             validate_volume(channel.array, channel.affine, channel.name)
+        channels = {
+            m: PlusChannel(normalise_intensity(c.array), c.affine, c.frame_of_reference, c.name)
+            for m, c in channels.items()
+        }
         ref = channels[reference]
         seconds: Dict[str, float] = {}
         started = time.perf_counter()
         say(f"registering the reference series ({reference}) to the MNI152 2009a template")
-        registration = register_to_template(ref.array, ref.affine, self.registration_settings, reference)
+        registration = register_to_template(ref.array, ref.affine, self.registration_settings, reference, ref.name)
         seconds["registration"] = time.perf_counter() - started
 
         started = time.perf_counter()

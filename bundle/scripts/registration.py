@@ -22,7 +22,13 @@ same with ITK's v4 registration framework:
   skull-stripped scans (signal volume below ``STRIPPED_MAX_ML``), the Dice between the scan's signal and the template
   brain mask. Across subjects NMI is low even when the registration is right (about 1.02 for a real head against the
   template), so it only flags gross failures; the brain Dice is the sharp check where it applies.
-  :func:`quality_warnings` turns poor values into readable warnings.
+* **Gate**: a result is used only when its quality passes (:func:`quality_failures`: NMI >= ``NMI_MINIMUM``, brain
+  Dice >= ``BRAIN_DICE_MINIMUM`` where measured, coverage >= ``COVERAGE_MINIMUM``). A failing registration is
+  retried from the other starts of ``INITIALISATIONS`` (centre of mass, then the image centres, then the scanner
+  coordinates as they are) and the first one that passes is kept; when none passes, :class:`RegistrationFailed`
+  names the scan and every score, and the caller rejects the scan (exit code 3) instead of writing a segmentation
+  that could be misplaced. Partial coverage between ``COVERAGE_MINIMUM`` and ``COVERAGE_WARNING`` is a warning
+  (lesions outside the field of view are missed, the ones inside are placed right).
 
 Transforms are returned as 4x4 RAS world -> world matrices (nibabel / MONAI convention), ``template_to_native``
 maps a template point to the native point with the same anatomy (ITK's fixed -> moving transform, converted from LPS).
@@ -42,10 +48,13 @@ import torch
 from .template import TISSUE_SIGNAL, sample_at_voxels, template_volume, voxel_to_world
 
 __all__ = [
-    "BRAIN_DICE_WARNING",
+    "BRAIN_DICE_MINIMUM",
+    "COVERAGE_MINIMUM",
     "COVERAGE_WARNING",
     "CoRegistration",
-    "NMI_WARNING",
+    "INITIALISATIONS",
+    "NMI_MINIMUM",
+    "RegistrationFailed",
     "SAME_SUBJECT_NMI_WARNING",
     "coregister",
     "coregister_via_template",
@@ -53,6 +62,7 @@ __all__ = [
     "RegistrationSettings",
     "VolumeRejected",
     "normalised_mutual_information",
+    "quality_failures",
     "quality_warnings",
     "register_to_template",
     "template_contrast",
@@ -60,11 +70,15 @@ __all__ = [
 ]
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Below these the report warns (see tests/bundle/test_registration.py: a correct cross-subject registration of a real
-# head scores NMI 1.017, the same head 20 mm off 1.006; a skull-stripped scan registered right has brain Dice > 0.9).
-NMI_WARNING = 1.01
-BRAIN_DICE_WARNING = 0.8
-COVERAGE_WARNING = 0.9
+# Below these a registration fails (tests/bundle/test_registration.py: a correct cross-subject registration of a real
+# head scores NMI 1.017, the same head 20 mm off 1.006; skull-stripped synthetic scans registered right have brain
+# Dice 0.93-0.96 and NMI 1.04-1.05, the 0.9.1 failure on a RescaleIntercept of -1000 had brain Dice 0.00).
+NMI_MINIMUM = 1.01
+BRAIN_DICE_MINIMUM = 0.8
+COVERAGE_MINIMUM = 0.5
+COVERAGE_WARNING = 0.9  # below this (and above COVERAGE_MINIMUM) the report warns of lesions outside the scan
+# Starts of the rigid stage, tried in this order until one passes the quality checks.
+INITIALISATIONS = ("centre of mass", "image centre", "scanner coordinates")
 STRIPPED_MAX_ML = 2500.0
 # Two contrasts of one head, aligned: NMI inside the head typically 1.05-1.2 on our synthetic and real pairs; the same
 # pair 10 mm apart drops towards the cross-subject level, so a lower value is reported as a warning.
@@ -73,6 +87,10 @@ SAME_SUBJECT_NMI_WARNING = 1.03
 
 class VolumeRejected(ValueError):
     """A volume that cannot be registered or segmented; the message names it and gives the reason."""
+
+
+class RegistrationFailed(VolumeRejected):
+    """No start of the registration passed the quality checks; the message names the scan and every score."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +120,22 @@ class Registration:
     coverage: float
     brain_dice: float | None  # skull-stripped scans only
     seconds: float
+    initialisation: str = INITIALISATIONS[0]  # the start that produced this result
+    attempts: List[Dict[str, Any]] = field(default_factory=list)  # every start tried: its scores and failures
 
     @property
     def native_to_template(self) -> np.ndarray:
         return np.linalg.inv(self.template_to_native)
+
+    @property
+    def failures(self) -> List[str]:
+        """Why the result must not be used (empty when it passes the quality checks)."""
+        return quality_failures(self.nmi, self.coverage, self.brain_dice)
+
+    def scores(self) -> str:
+        """The quality scores in one line, for messages."""
+        dice = "n/a (head with skull)" if self.brain_dice is None else f"{self.brain_dice:.2f}"
+        return f"NMI {self.nmi:.3f}, brain Dice {dice}, coverage {self.coverage:.0%}"
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-serialisable summary (matrices as nested lists)."""
@@ -116,24 +146,28 @@ class Registration:
         return out
 
 
+def quality_failures(nmi: float, coverage: float, brain_dice: float | None = None) -> List[str]:
+    """Why a registration with these scores could misplace a segmentation (empty: it passes)."""
+    failures = []
+    if brain_dice is not None and brain_dice < BRAIN_DICE_MINIMUM:
+        failures.append(f"brain overlap Dice {brain_dice:.2f} < {BRAIN_DICE_MINIMUM}")
+    if nmi < NMI_MINIMUM:
+        failures.append(f"NMI {nmi:.3f} < {NMI_MINIMUM}")
+    if coverage < COVERAGE_MINIMUM:
+        failures.append(f"the scan covers {coverage:.0%} < {COVERAGE_MINIMUM:.0%} of the template brain")
+    return failures
+
+
 def quality_warnings(nmi: float, coverage: float, brain_dice: float | None = None) -> List[str]:
-    """Readable warnings for poor registration quality scores or partial brain coverage."""
-    warnings = []
-    if brain_dice is not None and brain_dice < BRAIN_DICE_WARNING:
-        warnings.append(
-            f"registration quality is low (brain overlap Dice {brain_dice:.2f} < {BRAIN_DICE_WARNING}): check the "
-            "overlay; the segmentation may be misplaced."
-        )
-    if nmi < NMI_WARNING:
-        warnings.append(
-            f"registration quality is low (NMI {nmi:.3f} < {NMI_WARNING}): check the overlay; the segmentation may be "
-            "misplaced or incomplete."
-        )
-    if coverage < COVERAGE_WARNING:
-        warnings.append(
+    """Readable warnings for a registration that passed its checks: partial brain coverage.
+
+    Scores that could misplace the segmentation are failures (:func:`quality_failures`), never warnings.
+    """
+    if COVERAGE_MINIMUM <= coverage < COVERAGE_WARNING:
+        return [
             f"the scan covers only {coverage:.0%} of the template brain: lesions outside the field of view are missed."
-        )
-    return warnings
+        ]
+    return []
 
 
 def validate_volume(array: np.ndarray, affine: np.ndarray, name: str) -> None:
@@ -244,6 +278,14 @@ def _spatial_mask(mask: np.ndarray, reference):
 
 def _moments_rigid(fixed, moving):
     """A versor rigid transform initialised by aligning the images' centres of mass."""
+    return _initial_rigid(fixed, moving, INITIALISATIONS[0])
+
+
+def _initial_rigid(fixed, moving, initialisation: str):
+    """A versor rigid transform started as ``initialisation`` says (one of :data:`INITIALISATIONS`): aligned centres
+    of mass, aligned image centres, or the identity (the scan's world coordinates taken as template coordinates)."""
+    if initialisation not in INITIALISATIONS:
+        raise ValueError(f"initialisation must be one of {INITIALISATIONS}, got {initialisation!r}.")
     itk = _itk()
     image_type = type(fixed)
     rigid = itk.VersorRigid3DTransform[itk.D].New()
@@ -251,8 +293,13 @@ def _moments_rigid(fixed, moving):
     initializer.SetTransform(rigid)
     initializer.SetFixedImage(fixed)
     initializer.SetMovingImage(moving)
-    initializer.MomentsOn()
+    if initialisation == INITIALISATIONS[0]:
+        initializer.MomentsOn()
+    else:
+        initializer.GeometryOn()
     initializer.InitializeTransform()
+    if initialisation == INITIALISATIONS[2]:
+        rigid.SetTranslation([0.0, 0.0, 0.0])  # keep the centre, drop the shift: identity in world coordinates
     return rigid
 
 
@@ -354,30 +401,59 @@ def register_to_template(
     affine: np.ndarray,
     settings: RegistrationSettings | None = None,
     modality: str | None = None,
+    name: str = "image",
+    require_quality: bool = True,
 ) -> Registration:
     """Registers a native volume (X, Y, Z array, RAS ``affine``) to the MNI152 2009a template: rigid, then affine.
 
-    ``modality`` (t1, t1ce, t2, flair, dwi or None) picks the template contrast (:func:`template_contrast`).
+    ``modality`` (t1, t1ce, t2, flair, dwi or None) picks the template contrast (:func:`template_contrast`). The
+    starts of :data:`INITIALISATIONS` are tried in order until one passes :func:`quality_failures`; the result records
+    every attempt.
+
+    Raises:
+        RegistrationFailed: ``require_quality`` and no start passed (the message names ``name`` and the scores).
+            Without ``require_quality`` only the first start runs and its result is returned as it is.
     """
-    itk = _itk()
     settings = settings or RegistrationSettings()
     contrast = template_contrast(modality)
     started = time.perf_counter()
-    fixed, spatial_mask, *_ = _fixed(settings.spacing, settings.mask_dilation_mm, contrast)
     small, small_affine = _block_average(np.asarray(array, np.float32), np.asarray(affine, float), settings.spacing)
-    moving = _itk_image(small, small_affine)
-    rigid = _moments_rigid(fixed, moving)
-    _run_stage(fixed, moving, spatial_mask, rigid, settings.rigid_iterations, settings)
+    attempts: List[Dict[str, Any]] = []
+    tried: List[Registration] = []
+    for initialisation in INITIALISATIONS if require_quality else INITIALISATIONS[:1]:
+        template_to_native = _affine_registration(small, small_affine, settings, contrast, initialisation)
+        nmi, coverage, brain_dice = _quality(array, affine, template_to_native, settings.spacing, contrast)
+        result = Registration(template_to_native, contrast, nmi, coverage, brain_dice, 0.0, initialisation)
+        attempts.append({"initialisation": initialisation, "scores": result.scores(), "failures": result.failures})
+        tried.append(result)
+        if not result.failures:
+            break
+    result = tried[-1]
+    result.attempts, result.seconds = attempts, time.perf_counter() - started
+    if require_quality and result.failures:
+        summary = "; ".join(f"{a['initialisation']}: {', '.join(a['failures'])}" for a in attempts)
+        raise RegistrationFailed(
+            f"{name}: registration to the MNI152 template failed its quality checks from every start ({summary}); "
+            "a segmentation could be misplaced, so none is written."
+        )
+    return result
 
+
+def _affine_registration(
+    small: np.ndarray, small_affine: np.ndarray, settings: RegistrationSettings, contrast: str, initialisation: str
+) -> np.ndarray:
+    """One rigid-then-affine run from ``initialisation``; returns template -> native (4x4 RAS)."""
+    itk = _itk()
+    fixed, spatial_mask, *_ = _fixed(settings.spacing, settings.mask_dilation_mm, contrast)
+    moving = _itk_image(small, small_affine)
+    rigid = _initial_rigid(fixed, moving, initialisation)
+    _run_stage(fixed, moving, spatial_mask, rigid, settings.rigid_iterations, settings)
     full = itk.AffineTransform[itk.D, 3].New()
     full.SetCenter(rigid.GetCenter())
     full.SetMatrix(rigid.GetMatrix())
     full.SetTranslation(rigid.GetTranslation())
     _run_stage(fixed, moving, spatial_mask, full, settings.affine_iterations, settings)
-
-    template_to_native = _to_matrix(full)
-    nmi, coverage, brain_dice = _quality(array, affine, template_to_native, settings.spacing, contrast)
-    return Registration(template_to_native, contrast, nmi, coverage, brain_dice, time.perf_counter() - started)
+    return _to_matrix(full)
 
 
 @dataclass
@@ -492,7 +568,7 @@ def coregister_via_template(
     with the reference's registration; the rigid part of that composition (the series are one head, so it is
     nearly rigid) is returned as ``"template"``, and the direct rigid stage started there as ``"template + rigid"``.
     """
-    registration = register_to_template(moving, moving_affine, settings, modality)
+    registration = register_to_template(moving, moving_affine, settings, modality, require_quality=False)
     start = _rigid_part(reference_registration.template_to_native @ registration.native_to_template)
     refined = _rigid(moving, moving_affine, reference, reference_affine, settings, start=start)
     return {"template": start, "template + rigid": refined}

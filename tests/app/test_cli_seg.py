@@ -49,7 +49,8 @@ def test_segments_a_real_head_on_its_own_grid(tmp_path, tiny_bundle):
     mni = nib.load(out / "head_t1_mni.nii.gz")
     assert mni.shape == (40, 49, 40) and nib.load(out / "head_t1_mni_seg.nii.gz").shape == (40, 49, 40)
     assert sorted(p.name for p in out.iterdir()) == [
-        "head_t1_mni.nii.gz", "head_t1_mni_seg.nii.gz", "head_t1_qc.png", "head_t1_seg.nii.gz", "report.json"
+        ".mome-manifest.json", "head_t1_mni.nii.gz", "head_t1_mni_seg.nii.gz", "head_t1_qc.png", "head_t1_seg.nii.gz",
+        "report.json",
     ]  # fmt: skip
 
 

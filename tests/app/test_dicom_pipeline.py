@@ -115,7 +115,7 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
     (entry,) = graph["segmented"].values()
     assert entry["lesion_volume_ml"] > 1 and entry["qc_png"].endswith(".png") and entry["seconds"]["seg_write"] > 0
     files = {p.name for p in (tmp_path / "graph" / study_uid).iterdir()}
-    assert files == {p.name for p in (tmp_path / "plain" / study_uid).iterdir()} and len(files) == 4
+    assert files == {p.name for p in (tmp_path / "plain" / study_uid).iterdir()} and len(files) == 5  # + manifest
     sr = hd.sr.srread(tmp_path / "graph" / study_uid / entry["sr"]["file"])
     (group,) = sr.content.get_volumetric_roi_measurement_groups()
     assert group.get_measurements()[0].value == pytest.approx(entry["lesion_volume_ml"])

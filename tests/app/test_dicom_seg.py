@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from dicom_factory import DCIODVFY, dciodvfy_errors, make_series
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from operators.dicom_series import SeriesRejected, series_to_volume
 from operators.seg_writer import build_seg, seg_series_number
@@ -85,7 +86,7 @@ def test_geometry_problems_are_rejected_with_the_series_named():
     uid = base[0].SeriesInstanceUID
     cases = {
         "irregular slice spacing": base[:5] + base[6:],
-        "duplicate slice positions": base + [pydicom.dcmread(_roundtrip(base[3]))],
+        "duplicate slice positions": base + [_with_new_uid(base[3])],
         "at least 8": base[:4],
     }
     tilted = [pydicom.dcmread(_roundtrip(d)) for d in base]
@@ -99,6 +100,13 @@ def test_geometry_problems_are_rejected_with_the_series_named():
         build_seg(series, np.zeros((2, 2, 2), np.uint8), "MoME", "0.3.0")
     with pytest.raises(ValueError, match=r"label values \[2\]"):
         build_seg(series, np.full(SHAPE, 2, np.uint8), "MoME", "0.3.0")
+
+
+def _with_new_uid(ds: Dataset) -> Dataset:
+    """A copy of an instance under its own SOPInstanceUID (a second acquisition at the same position)."""
+    copy = pydicom.dcmread(_roundtrip(ds))
+    copy.SOPInstanceUID = generate_uid()
+    return copy
 
 
 def _roundtrip(ds: Dataset) -> io.BytesIO:

@@ -70,6 +70,7 @@ def test_truncated_pixel_data_is_a_series_rejection():
         ds = pydicom.dcmread(PYDICOM_FILES / "MR_truncated.dcm")
         ds.ImagePositionPatient = [0.0, 0.0, float(k) * 2]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{k}"  # each copy its own instance
         copies.append(ds)
     assert truncated.Rows * truncated.Columns * 2 > len(truncated.PixelData)
     with pytest.raises(SeriesRejected, match="pixel data cannot be decoded"):

@@ -9,11 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.intensity import normalise_intensity
 from scripts.native import foreground_box, probabilities_to_native, to_mome_space
 from scripts.registration import (
+    BRAIN_DICE_MINIMUM,
+    COVERAGE_MINIMUM,
+    COVERAGE_WARNING,
+    INITIALISATIONS,
+    NMI_MINIMUM,
+    RegistrationFailed,
     VolumeRejected,
+    _quality,
     coregister,
     normalised_mutual_information,
+    quality_failures,
     quality_warnings,
     register_to_template,
     validate_volume,
@@ -194,11 +203,83 @@ def test_volume_validation_names_the_file():
             validate_volume(array, bad_affine, "scan.nii.gz")
 
 
-def test_quality_scores_and_warnings():
+def test_quality_scores_failures_and_warnings_on_both_sides_of_each_threshold():
     rng = np.random.default_rng(0)
     a = rng.random(20000)
     assert normalised_mutual_information(a, a) == pytest.approx(2.0, abs=1e-6)
     assert normalised_mutual_information(a, rng.random(20000)) < 1.01
-    assert quality_warnings(1.2, 1.0, 0.95) == []
-    warnings = quality_warnings(1.001, 0.5, 0.4)
-    assert len(warnings) == 3 and "NMI" in warnings[1] and "50%" in warnings[2] and "Dice" in warnings[0]
+    assert quality_failures(1.2, 1.0, 0.95) == [] and quality_warnings(1.2, 1.0, 0.95) == []
+    assert quality_failures(NMI_MINIMUM, COVERAGE_MINIMUM, BRAIN_DICE_MINIMUM) == []
+    failures = quality_failures(NMI_MINIMUM - 1e-3, COVERAGE_MINIMUM - 0.01, BRAIN_DICE_MINIMUM - 0.01)
+    assert len(failures) == 3 and "Dice" in failures[0] and "NMI" in failures[1] and "covers" in failures[2]
+    assert quality_failures(1.2, 1.0, None) == []  # a head with skull has no brain-overlap score
+    # partial coverage that still places the segmentation right is a warning, not a failure
+    assert quality_warnings(1.2, COVERAGE_WARNING - 0.01, 0.95) and not quality_failures(1.2, COVERAGE_WARNING - 0.01)
+    assert quality_warnings(1.2, COVERAGE_WARNING, 0.95) == []
+
+
+def test_the_quality_gate_separates_a_right_registration_from_a_shifted_one():
+    """The real head registered right passes; the same solution 10 mm or 20 mm off, or mirrored, fails on NMI."""
+    image = nib.load(REAL / "KmeansTest_T1UCharRaw.nii.gz")
+    array = normalise_intensity(np.asarray(image.dataobj))
+    registration = register_to_template(array, image.affine, name="real head")
+    assert registration.failures == [] and registration.initialisation == INITIALISATIONS[0]
+    assert [a["initialisation"] for a in registration.attempts] == [INITIALISATIONS[0]]
+    for change in ([10.0, 0, 0], [0, 20.0, 0], "mirror"):
+        moved = np.eye(4)
+        if change == "mirror":
+            moved[:3, :3] = np.diag([-1.0, 1.0, -1.0])
+        else:
+            moved[:3, 3] = change
+        scores = _quality(array, image.affine, registration.template_to_native @ moved, 2.0)
+        assert quality_failures(*scores), (change, scores)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(lambda x: x - 1000.0, id="intercept-1000"),
+        pytest.param(lambda x: x + 1000.0, id="intercept+1000"),
+        pytest.param(lambda x: x * 37.0 - 2.0**31, id="int32-offset"),
+        pytest.param(lambda x: x * 1e-3, id="scaled-down"),
+    ],
+)
+def test_registration_does_not_depend_on_the_intensity_offset_or_scale(stored):
+    """0.9.1 scored a RescaleIntercept of -1000 at brain Dice 0.00 (and segmented outside the brain): the same scan
+    stored with another offset or scale must register to the same place with the same scores."""
+    image = nib.load(REAL / "KmeansTest_T1RawSkullStrip.nii.gz")
+    plain = np.asarray(image.dataobj, dtype=np.float64)
+    reference = register_to_template(normalise_intensity(plain), image.affine)
+    other = register_to_template(normalise_intensity(stored(plain)), image.affine)
+    np.testing.assert_allclose(other.template_to_native, reference.template_to_native, atol=0.05)
+    assert other.brain_dice == pytest.approx(reference.brain_dice, abs=0.01) and other.failures == []
+    np.testing.assert_allclose(normalise_intensity(stored(plain)), normalise_intensity(plain), atol=0.05)
+
+
+def test_a_registration_that_fails_is_retried_from_other_starts_then_rejected(monkeypatch):
+    """The first start ending 25 mm off is retried; when every start fails, RegistrationFailed names the scan and
+    every score."""
+    import scripts.registration as registration_module
+
+    image = nib.load(REAL / "KmeansTest_T1RawSkullStrip.nii.gz")
+    array = normalise_intensity(np.asarray(image.dataobj))
+    real_run = registration_module._affine_registration
+    starts = []
+
+    def first_start_off(small, small_affine, settings, contrast, initialisation):
+        starts.append(initialisation)
+        matrix = real_run(small, small_affine, settings, contrast, initialisation)
+        if initialisation == INITIALISATIONS[0] or fail_all:
+            matrix[:3, 3] += [25.0, 0.0, 0.0]
+        return matrix
+
+    monkeypatch.setattr(registration_module, "_affine_registration", first_start_off)
+    fail_all = False
+    result = register_to_template(array, image.affine, name="scan.nii.gz")
+    assert starts == list(INITIALISATIONS[:2]) and result.initialisation == INITIALISATIONS[1]
+    assert result.failures == [] and result.attempts[0]["failures"] and not result.attempts[1]["failures"]
+    starts.clear()
+    fail_all = True
+    with pytest.raises(RegistrationFailed, match=r"scan.nii.gz: registration .* failed .*every start.*Dice"):
+        register_to_template(array, image.affine, name="scan.nii.gz")
+    assert starts == list(INITIALISATIONS)
