@@ -32,13 +32,21 @@ __all__ = ["ARTIFACTS", "MODEL_NAME", "build_context", "main", "stage_applicatio
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "app" / "packaging" / "holoscan-cli-artifacts-4.2.0.json"
 APP_CONFIG = REPO / "app" / "app.yaml"
-MAIN = '''"""MAP entry point: ``python3 /opt/holoscan/app`` runs the MoME Deploy application (HOLOSCAN_* paths)."""
+MAIN = '''"""MAP entry point: ``python3 /opt/holoscan/app`` runs the MoME Deploy application (HOLOSCAN_* paths).
+
+The work runs in a supervised child (``app.supervisor``): SIGTERM from the orchestrator stops it with exit 143 and
+nothing partial left behind.
+"""
 
 import sys
 
-from app.app import main
+from app.supervisor import is_supervised, supervise
 
-sys.exit(main())
+if is_supervised():
+    from app.app import main
+
+    sys.exit(main())
+sys.exit(supervise([sys.executable, sys.argv[0], *sys.argv[1:]], "mome-app"))
 '''
 MODEL_NAME = "mome"
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "packaging")

@@ -164,3 +164,21 @@ def test_profile_option_reaches_the_inferer_and_the_report(tiny_bundle, tmp_path
     assert app_parser().parse_known_args(["--profile", "parity"])[0].profile == "parity"
     assert seg_main([str(REAL_HEAD), "-o", str(tmp_path / "out"), "--profile", "quick"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_nifti_offsets_keep_their_precision(tmp_path):
+    """A NIfTI stored as int32 near -2**31 (a large negative offset) reads as the plain image, shifted to start at 0;
+    a float32 read of those values would have rounded them to multiples of 128-256."""
+    from app.cli_seg import load_volume
+
+    rng = np.random.default_rng(0)
+    plain = rng.integers(0, 3000, (20, 20, 12)).astype(np.int64)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(plain.astype(np.int16), affine), tmp_path / "plain.nii.gz")
+    nib.save(nib.Nifti1Image((plain - 2**31 + 7000).astype(np.int32), affine), tmp_path / "wide.nii.gz")
+    expected, _, _ = load_volume(tmp_path / "plain.nii.gz")
+    array, _, _ = load_volume(tmp_path / "wide.nii.gz")
+    np.testing.assert_array_equal(array, expected)
+    assert array.min() == 0 and array.dtype == np.float32
+    old_read = np.asarray(nib.load(tmp_path / "wide.nii.gz").dataobj, dtype=np.float32)
+    assert np.abs((old_read - old_read.min()) - expected).max() > 0  # what 0.9.1 read
