@@ -49,6 +49,7 @@ import nibabel as nib
 import numpy as np
 
 from operators import phi
+from operators.limits import InputLimits, LimitExceeded, LimitSettingError, check_volume
 from operators.output_folder import Staged, UnusableOutputFolder, check_output_folder, publish
 
 __all__ = ["InputRejected", "build_parser", "guess_modality", "load_volume", "main", "run"]
@@ -118,15 +119,26 @@ def _zero_based(array: np.ndarray) -> np.ndarray:
     return (array - array.min()).astype(np.float32)
 
 
-def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    """Reads a NIfTI volume as float32 (X, Y, Z) with its RAS affine; rejects what cannot be a 3-D MR volume."""
+def load_volume(path: Path, limits: InputLimits | None = None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Reads a NIfTI volume as float32 (X, Y, Z) with its RAS affine; rejects what cannot be a 3-D MR volume.
+
+    The declared shape is checked against ``limits`` (default :meth:`InputLimits.from_env`) before any data are
+    read, so a small ``.nii.gz`` declaring a huge volume costs nothing.
+    """
     if not path.is_file():
         raise InputRejected(f"{path}: file not found.")
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise InputRejected(f"{path}: not a NIfTI file (.nii/.nii.gz); give DICOM as a folder or a zip.")
     try:
         image = nib.load(path)
-        phi.register_nifti_header(image.header)  # its free text (descrip...) may hold a name: never echoed
+    except Exception as error:  # nibabel raises several types for corrupt files
+        raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
+    phi.register_nifti_header(image.header)  # its free text (descrip...) may hold a name: never echoed
+    try:
+        check_volume(image.shape, str(path), limits or InputLimits.from_env())
+    except LimitExceeded as error:
+        raise InputRejected(str(error)) from error
+    try:
         array = _zero_based(np.asarray(image.dataobj, dtype=np.float64))
     except Exception as error:  # nibabel raises several types for corrupt files
         raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
@@ -281,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         use_bundle_scripts(args.model)
         return run(args)
-    except (FileNotFoundError, UnusableOutputFolder) as error:
-        print(f"mome-seg: {error}", file=sys.stderr)
+    except (FileNotFoundError, UnusableOutputFolder, LimitSettingError) as error:
+        print(phi.redact(f"mome-seg: {error}"), file=sys.stderr)
         return EXIT_USAGE
     except Exception:  # noqa: BLE001 - the CLI's last line of defence: exit 1 with the traceback
         logger.exception("mome-seg: internal error")

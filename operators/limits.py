@@ -160,6 +160,20 @@ def check_series(instances: Sequence[Any], name: str, limits: InputLimits) -> No
     limits.check("max_series_voxels", voxels, name, SeriesLimitExceeded)
 
 
+def check_volume(shape: Sequence[int], name: str, limits: InputLimits) -> None:
+    """Checks a volume's declared shape (a NIfTI header's) before its data are read: the two largest axes against
+    ``max_matrix``, the smallest against ``max_slices``, all voxels (every axis) against ``max_series_voxels``.
+
+    Raises:
+        LimitExceeded: one of them is over its limit.
+    """
+    spatial = sorted(int(n) for n in list(shape)[:3])
+    if len(spatial) == 3:
+        limits.check("max_matrix", spatial[-1], name)
+        limits.check("max_slices", spatial[0], name)
+    limits.check("max_series_voxels", math.prod(int(n) for n in shape), name)
+
+
 def _declared(ds: Any, keyword: str, name: str) -> int:
     """A positive integer header value; rejects the series when it is missing (Rows, Columns) or not positive."""
     value = getattr(ds, keyword, None)

@@ -182,3 +182,17 @@ def test_nifti_offsets_keep_their_precision(tmp_path):
     assert array.min() == 0 and array.dtype == np.float32
     old_read = np.asarray(nib.load(tmp_path / "wide.nii.gz").dataobj, dtype=np.float32)
     assert np.abs((old_read - old_read.min()) - expected).max() > 0  # what 0.9.1 read
+
+
+def test_a_nifti_declaring_a_huge_volume_is_rejected_before_its_data_are_read(tmp_path, monkeypatch, capsys):
+    """A tiny .nii whose header declares 12000 x 12000 x 12000 voxels: exit 3 naming the limit, nothing allocated."""
+    header = nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)).header
+    header.set_data_shape((12000, 12000, 12000))
+    header["vox_offset"] = 352
+    nii = tmp_path / "huge_flair.nii"
+    nii.write_bytes(header.binaryblock + bytes(4 + 64))  # the extension flag and a few voxels
+    assert seg_main([str(nii), "-o", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "max_matrix" in err and "MOME_MAX_MATRIX" in err and not (tmp_path / "out").exists()
+    monkeypatch.setenv("MOME_MAX_MATRIX", "many")
+    assert seg_main([str(nii), "-o", str(tmp_path / "out")]) == 2
