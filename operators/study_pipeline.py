@@ -36,7 +36,7 @@ from operators.clean_stop import CREATED, STAGING, record_path
 from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
 from operators.limits import InputLimits, check_series
 from operators.modality_router import MODALITIES, SeriesHeader, choose, classify
-from operators.output_folder import Staged, publish
+from operators.output_folder import Staged, missing_folders, publish
 from operators.phi import redact_values
 from operators.qc_image import qc_caption, save_qc_png
 from operators.seg_writer import add_referenced_series, build_seg, segments_for
@@ -527,23 +527,13 @@ def write_report(work: StudyWork, study_dir: Path) -> dict[str, Any]:
 def staging_dir(out: Path) -> Path:
     """A hidden, empty folder beside ``out`` (same file system, so :func:`commit` moves are atomic renames)."""
     out = out.resolve()
-    missing = first_missing_folder(out.parent)
-    if missing is not None:
-        record_path(CREATED, missing)
+    missing = missing_folders(out.parent)
+    if missing:
+        record_path(CREATED, missing[-1])  # the outermost: a stopped run's supervisor removes it
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.mome-", dir=out.parent))
     record_path(STAGING, staging)
     return staging
-
-
-def first_missing_folder(path: Path) -> Path | None:
-    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
-    missing = None
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        missing = folder
-    return missing
 
 
 def nothing_to_segment_reason(works: Sequence[StudyWork]) -> str:

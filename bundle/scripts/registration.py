@@ -276,11 +276,6 @@ def _spatial_mask(mask: np.ndarray, reference):
     return spatial_mask
 
 
-def _moments_rigid(fixed, moving):
-    """A versor rigid transform initialised by aligning the images' centres of mass."""
-    return _initial_rigid(fixed, moving, INITIALISATIONS[0])
-
-
 def _initial_rigid(fixed, moving, initialisation: str):
     """A versor rigid transform started as ``initialisation`` says (one of :data:`INITIALISATIONS`): aligned centres
     of mass, aligned image centres, or the identity (the scan's world coordinates taken as template coordinates)."""
@@ -608,7 +603,7 @@ def _rigid(
     fixed, moving_image = _itk_image(fixed_array, fixed_affine), _itk_image(small, small_affine)
     spatial_mask = _spatial_mask(_head_mask(fixed_array), fixed)
     if start is None:
-        rigid = _moments_rigid(fixed, moving_image)
+        rigid = _initial_rigid(fixed, moving_image, INITIALISATIONS[0])
     else:
         rigid = _rigid_transform(start, fixed_affine, fixed_array.shape)
     _run_stage(fixed, moving_image, spatial_mask, rigid, settings.rigid_iterations, settings)
