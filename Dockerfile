@@ -3,9 +3,9 @@
 #
 # Build context = the packager's own context, generated without Docker:
 #     python -m app.map_package --out build/map_app --context build/map_ctx
-#     docker build -f Dockerfile -t mome-app-cpu:0.4.0 build/map_ctx
+#     docker build -f Dockerfile -t mome-app-cpu:$V build/map_ctx   # V: app.__version__, the product's one version
 # Run (MAP conventions; /var/holoscan/tools show|env|extract work as in any MAP):
-#     docker run --rm -v "$PWD/study:/var/holoscan/input:ro" -v "$PWD/out:/var/holoscan/output" mome-app-cpu:0.4.0
+#     docker run --rm -v "$PWD/study:/var/holoscan/input:ro" -v "$PWD/out:/var/holoscan/output" mome-app-cpu:$V
 ARG BASE_IMAGE=python:3.12-slim-bookworm
 FROM ${BASE_IMAGE}
 

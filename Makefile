@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest
 
 demo: $(STAMP)
-	$(RUN_ENV) $(PY) -m app.demo --workdir .demo
+	$(RUN_ENV) $(PY) -m app.cli.demo --workdir .demo
 
 # Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
 # bench-cpu: the whole DICOM -> SEG pipeline per inference profile and stage, demo and release-size models (~1.5 h

@@ -4,4 +4,5 @@ import sys
 
 from app.cli import convert_main
 
-sys.exit(convert_main())
+if __name__ == "__main__":
+    sys.exit(convert_main())

@@ -1,6 +1,6 @@
 """DICOM study in -> modality routing -> MoME -> DICOM-SEG + QC + report, as one function call without Holoscan.
 
-The Deploy application (``app/app.py``) runs the same stages (``operators/study_pipeline.py``) as a Holoscan graph;
+The Deploy application (``app/app.py``) runs the same stage cores (``operators/<stage>.py``) as a Holoscan graph;
 this sequential form is for library use and tests that do not need the graph. Outputs and exit semantics are the
 same: per study ``OUT/<StudyInstanceUID>/`` with ``seg_<SeriesInstanceUID>.dcm``, ``qc_<SeriesInstanceUID>.png`` and
 ``report.json``; nothing is written when no series can be segmented.
@@ -15,17 +15,18 @@ from typing import Any
 
 from operators.limits import InputLimits
 from operators.modality_router import MODALITIES, load_rules
-from operators.output_folder import UnusableOutputFolder, check_output_folder, missing_folders, remove_empty
-from operators.study_loader import dicom_root, scan_studies
-from operators.study_pipeline import (
-    NothingToSegment,
-    commit,
-    route_study,
-    segment_study,
+from operators.mome_inference import segment_study
+from operators.output_folder import (
+    UnusableOutputFolder,
+    check_output_folder,
+    missing_folders,
+    remove_empty,
     staging_dir,
-    write_report,
-    write_segs,
 )
+from operators.report_writer import commit, write_report
+from operators.seg_writer import write_segs
+from operators.study import NothingToSegment, PlusSegmenter, Segmenter, route_study
+from operators.study_loader import dicom_root, scan_studies
 
 __all__ = ["NothingToSegment", "UnusableOutputFolder", "run_dicom"]
 
@@ -33,18 +34,18 @@ __all__ = ["NothingToSegment", "UnusableOutputFolder", "run_dicom"]
 def run_dicom(
     source: Path,
     out: Path,
-    segmenter: Any,
+    segmenter: Segmenter | None,
     modalities: Sequence[str] = MODALITIES,
     all_series: bool = False,
     rules_file: Path | None = None,
     progress: Callable[[str], None] | None = None,
-    plus_segmenter: Any = None,
+    plus_segmenter: PlusSegmenter | None = None,
     mode: str = "auto",
     limits: InputLimits | None = None,
 ) -> list[dict[str, Any]]:
     """Segments every study under ``source`` (folder or zip); returns the study reports (also written as JSON).
 
-    ``plus_segmenter`` (a :class:`scripts.pipeline.MoMEPlusSegmenter`) and ``mode`` as in ``segment_study``;
+    ``plus_segmenter`` and ``mode`` as in :func:`operators.mome_inference.segment_study`;
     ``limits`` (default :meth:`InputLimits.from_env`) bound the zip and the series read.
 
     Raises:

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO))
 
-from app.cli_eval import check_same_grid, prediction_path  # noqa: E402
+from app.evaluation import check_same_grid, prediction_path  # noqa: E402
+from scripts.metrics import voxel_ml  # noqa: E402
 from scripts.synthetic import Subject, regenerate_subject  # noqa: E402
 
 CLASSES = ("border", "csf", "gm", "wm", "outside")
@@ -85,9 +86,8 @@ def analyse(data_dir: Path, predictions: Path, border: int = 2, cases: list[str]
             raise ValueError(f"{path}: prediction of case {entry['case']} not found.")
         check_same_grid(path, data_dir / entry["label"])
         predicted = nib.load(path)
-        voxel_ml = float(np.prod(label.header.get_zooms()[:3])) / 1000.0
         classes = error_classes(subjects[name], truth, border)
-        errors = case_errors(np.asanyarray(predicted.dataobj), truth, classes, voxel_ml)
+        errors = case_errors(np.asanyarray(predicted.dataobj), truth, classes, voxel_ml(label.affine))
         per_case.append({"case": entry["case"], "modality": entry["modality"], **errors})
     return {"border_voxels": border, "per_case": per_case, "per_modality": per_modality(per_case)}
 

@@ -37,7 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
-MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
+sys.path.insert(0, str(BUNDLE))
+from scripts.networks import MODALITIES  # noqa: E402  (the bundle's expert order)
+
 RESULTS = REPO / "bench" / "results"
 STATE = RESULTS / "mome_vs_unet"
 STATE_FILES = ("checkpoint_latest.pt", "train_log.jsonl", "model.pt")

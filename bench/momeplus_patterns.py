@@ -5,7 +5,8 @@ core, 2 oedema, 3 enhancing) and compared on a held-out seed, for every non-empt
 
 * ``mome_plus``: the demo MoME+ (``configs/train_plus.json``: dispatch MLP, 4 experts, prior-conditioned gate, modality
   dropout, curriculum applied), trained from scratch or, with ``--init-from-demo``, with its experts started from the
-  shipped demo MoME's T1/T1ce/T2/FLAIR experts (fresh 4-class heads; how the shipped ``model_plus.pt`` was made);
+  shipped demo MoME's T1/T1ce/T2/FLAIR experts (fresh 4-class heads; ``--demo-model`` another MoME: the shipped
+  ``model_plus.pt`` started from demo MoME 0.5.0, see ``bench/recipes/demo_weights.sh``);
 * ``unet_zero_fill``: one plain U-Net on all four channels, trained with the same modality dropout, missing channels
   zero-filled (``modality_dropout``), of about the same parameter count;
 * ``mome_best_single``: a single-modality MoME (4 experts + gate, ``configs/train.json`` with 4 classes) trained on the
@@ -113,8 +114,8 @@ def _topology() -> dict:
     return {k: parser[k] for k in keys}
 
 
-def demo_expert_checkpoints(workdir: Path) -> list[str]:
-    """The shipped demo MoME's T1, T1ce, T2 and FLAIR experts as ``load_experts`` files with fresh 4-class heads.
+def demo_expert_checkpoints(workdir: Path, demo_model: Path = BUNDLE / "models" / "model.pt") -> list[str]:
+    """``demo_model``'s (the shipped demo MoME's) T1, T1ce, T2, FLAIR experts as ``load_experts`` files, 4-class heads.
 
     The demo experts were trained on single-contrast synthetic lesions of all types (binary labels, training seed 0);
     their bodies carry over, their 1x1x1 heads are replaced by the (seeded) initialisation of a 4-class expert.
@@ -127,7 +128,7 @@ def demo_expert_checkpoints(workdir: Path) -> list[str]:
     paths = [out / f"{m}.pt" for m in MODALITIES]
     if all(p.is_file() for p in paths):
         return [str(p) for p in paths]
-    demo = torch.load(BUNDLE / "models" / "model.pt", map_location="cpu", weights_only=True)
+    demo = torch.load(demo_model, map_location="cpu", weights_only=True)
     demo_order = json.loads((BUNDLE / "configs" / "inference.json").read_text())["modalities"]
     torch.manual_seed(0)
     fresh = MoMEPlus(4, 4, **_topology())
@@ -150,6 +151,8 @@ def _common(cfg: dict, out: Path, experts: list[str] | None = None) -> dict:
     }  # fmt: skip
     if experts:
         common.update({"init_experts": "True", "expert_checkpoints": experts})
+    if "cpu_bf16" in cfg:
+        common["cpu_bf16"] = str(cfg["cpu_bf16"])
     return common
 
 
@@ -301,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the experts of both MoME models from the shipped demo MoME's experts (heads re-initialised)",
     )
+    parser.add_argument(
+        "--demo-model", type=Path, default=BUNDLE / "models" / "model.pt", help="with --init-from-demo: the demo MoME"
+    )
+    parser.add_argument(
+        "--cpu-bf16", choices=("true", "false"), help="the train configs' cpu_bf16 (default: the configs' own, true)"
+    )
     parser.add_argument("--note", default="", help="a remark recorded with the results (e.g. how the run went)")
     for key, value in DEFAULTS.items():
         many = isinstance(value, list)
@@ -308,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value, nargs="+" if many else None)
     args = parser.parse_args(argv)
     cfg = {key: getattr(args, key) for key in DEFAULTS}
+    if args.cpu_bf16:
+        cfg["cpu_bf16"] = args.cpu_bf16 == "true"
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     train = generate(workdir, cfg["train_seed"], cfg["train_subjects"])
@@ -316,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     models = args.only or MODELS
     sys.path.insert(0, str(BUNDLE))  # the bundle's scripts, for the expert files and the evaluation
-    experts = demo_expert_checkpoints(workdir) if args.init_from_demo else None
+    experts = demo_expert_checkpoints(workdir, args.demo_model.resolve()) if args.init_from_demo else None
     workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads, experts)) for m in models]
     for worker in workers:
         worker.start()

@@ -1,6 +1,6 @@
 """``ModalityRouterOperator``: every MR series of each study -> T1/T1ce/T2/FLAIR/DWI or a reason to skip it.
 
-Wraps :func:`operators.study_pipeline.route_study` (rules in ``operators/modality_rules.json`` or a user file).
+Wraps :func:`operators.study.route_study` (rules in ``operators/modality_rules.json`` or a user file).
 
 Named input:
     dicom_study_list: ``List[DICOMStudy]`` (from ``StudyLoaderOperator`` or the SDK's ``DICOMDataLoaderOperator``).
@@ -18,8 +18,8 @@ from monai.deploy.core import Operator, OperatorSpec
 
 from operators.modality_router import MODALITIES, load_rules
 from operators.phi import redacts_errors
+from operators.study import route_study
 from operators.study_loader_operator import SKIPPED_FILES_KEY
-from operators.study_pipeline import route_study
 
 __all__ = ["ModalityRouterOperator"]
 

@@ -13,11 +13,12 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from operators.clean_stop import commit_guard
+from operators.clean_stop import CREATED, STAGING, commit_guard, record_path
 
 __all__ = [
     "MANIFEST",
@@ -28,6 +29,7 @@ __all__ = [
     "publish",
     "read_manifest",
     "remove_empty",
+    "staging_dir",
 ]
 
 MANIFEST = ".mome-manifest.json"
@@ -189,3 +191,15 @@ def _move(source: Path, target: Path) -> None:
         finally:
             partial.unlink(missing_ok=True)
         source.unlink()
+
+
+def staging_dir(out: Path) -> Path:
+    """A hidden, empty folder beside ``out`` (same file system, so :func:`publish` moves are atomic renames)."""
+    out = out.resolve()
+    missing = missing_folders(out.parent)
+    if missing:
+        record_path(CREATED, missing[-1])  # the outermost: a stopped run's supervisor removes it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.mome-", dir=out.parent))
+    record_path(STAGING, staging)
+    return staging

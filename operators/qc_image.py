@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 
+from operators.bundle import lesion_components
 from operators.phi import redact
 
 __all__ = ["qc_caption", "qc_image", "save_qc_png"]
@@ -31,9 +32,7 @@ def qc_caption(subject: str, lesions: dict, model: dict) -> str:
 
 
 def _largest_lesion_centre(labels: np.ndarray) -> np.ndarray | None:
-    from scripts.metrics import connected_components
-
-    components, count = connected_components(labels > 0)
+    components, count = lesion_components(labels > 0)
     if not count:
         return None
     largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1

@@ -1,6 +1,6 @@
 """``ReportWriterOperator``: QC PNGs and ``report.json`` per study, then the atomic move into the output folder.
 
-Wraps :func:`operators.study_pipeline.write_report` and :func:`~operators.study_pipeline.commit`. It never raises for
+Wraps :func:`operators.report_writer.write_report` and :func:`~operators.report_writer.commit`. It never raises for
 an input that yields nothing to segment or an output folder that cannot take the files: it hands the outcome (the
 reports, or the :class:`NothingToSegment` / :class:`UnusableOutputFolder` error) to ``on_done`` so the application can
 choose its exit code without a graph failure.
@@ -19,7 +19,8 @@ from monai.deploy.core import Operator, OperatorSpec
 
 from operators.output_folder import UnusableOutputFolder
 from operators.phi import redacts_errors
-from operators.study_pipeline import NothingToSegment, commit, write_report
+from operators.report_writer import commit, write_report
+from operators.study import NothingToSegment
 
 __all__ = ["ReportWriterOperator"]
 

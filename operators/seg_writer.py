@@ -11,8 +11,11 @@ algorithm identification, series description and content creator come from the m
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from typing import Sequence as SequenceOf
 
@@ -22,9 +25,24 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 
-from .dicom_series import SeriesVolume
+from operators import bundle
+from operators.bundle import lesion_summary
+from operators.dicom_series import SeriesVolume
+from operators.sr_writer import build_volume_sr
+from operators.study import SeriesTask, StudyWork
+from operators.text import printable
 
-__all__ = ["LESION", "SegmentSpec", "add_referenced_series", "build_seg", "seg_series_number", "segments_for"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LESION",
+    "SegmentSpec",
+    "add_referenced_series",
+    "build_seg",
+    "seg_series_number",
+    "segments_for",
+    "write_segs",
+]
 
 
 @dataclass(frozen=True)
@@ -182,3 +200,100 @@ def build_seg(
     )
     seg.SeriesDescription = f"MoME lesions {model_version} - research use, not for diagnosis"[:64]
     return seg
+
+
+def write_segs(work: StudyWork, study_dir: Path) -> StudyWork:
+    """One DICOM-SEG per segmented series on its exact source grid, and its volume SR, into ``study_dir``."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    name, version = str(work.model.get("name") or "MoME"), str(work.model.get("version") or "unknown")
+    for task in work.tasks:
+        if task.segmentation is None:
+            continue
+        started = time.perf_counter()
+        if task.mome_plus:
+            plus = work.model.get("mome_plus", {})
+            entry = _write_plus_seg(task, study_dir, str(plus.get("name") or name), str(plus.get("version") or version))
+        else:
+            entry = _write_single_seg(task, study_dir, name, version)
+        task.seconds["seg_write"] = time.perf_counter() - started
+        logger.info("study %s: SEG and SR written for %s", work.study_uid, task.name)
+        registration = task.segmentation.registration.to_dict()
+        work.entries[task.header.series_uid] = {
+            "modality": task.modality,
+            "series_number": task.header.series_number,
+            "description": printable(task.header.description),
+            "shape": list(task.volume.array.shape),
+            **entry.pop("lesions"),
+            "registration": registration,
+            "warnings": list(registration["warnings"]) + entry.pop("warnings", []),
+            **({"geometry_corrections": list(task.volume.corrections)} if task.volume.corrections else {}),
+            "inference": task.segmentation.inference,
+            **entry,
+        }
+    return work
+
+
+def _seg_record(seg: Any, path: Path) -> dict[str, Any]:
+    return {
+        "file": path.name,
+        "sop_instance_uid": str(seg.SOPInstanceUID),
+        "series_instance_uid": str(seg.SeriesInstanceUID),
+        "series_number": int(seg.SeriesNumber),
+        "frames": int(seg.NumberOfFrames),
+    }
+
+
+def _write_single_seg(task: SeriesTask, study_dir: Path, name: str, version: str) -> dict[str, Any]:
+    seg = build_seg(task.volume, task.segmentation.labels, name, version)
+    path = study_dir / f"seg_{task.volume.series_uid}.dcm"
+    seg.save_as(path)
+    lesions = lesion_summary(task.segmentation.labels, task.volume.affine)
+    sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version)
+    sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
+    sr.save_as(sr_path)
+    return {
+        "lesions": lesions,
+        "seg": _seg_record(seg, path),
+        "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
+    }
+
+
+def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) -> dict[str, Any]:
+    """The MoME+ SEG (one segment per class) on the reference series, referencing every contributing series."""
+    result, labels = task.segmentation, task.segmentation.labels
+    segments = segments_for(_channel_def_of(task))
+    seg = build_seg(task.volume, labels, name, version, segments=segments)
+    used = [source for source in task.plus_sources if source.modality not in result.excluded]
+    add_referenced_series(seg, [source.volume.instances for source in used])
+    path = study_dir / f"seg_{task.volume.series_uid}.dcm"
+    seg.save_as(path)
+    voxel_ml = bundle.voxel_ml(task.volume.affine)
+    lesions = lesion_summary(labels > 0, task.volume.affine)
+    regions = {s.label: round(float((labels == s.value).sum()) * voxel_ml, 3) for s in segments}
+    volumes = [(s.value, s.label, regions[s.label]) for s in segments]
+    sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version, volumes)
+    sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"
+    sr.save_as(sr_path)
+    coregistration = {m: c.to_dict() for m, c in result.coregistration.items()}
+    return {
+        "lesions": lesions,
+        "mode": "mome_plus",
+        "modalities_available": [m for m, present in result.availability.items() if present],
+        "modalities_missing": [m for m, present in result.availability.items() if not present],
+        "modalities_excluded": dict(result.excluded),
+        "reference_modality": result.reference,
+        "contributing_series": {
+            task.modality: task.header.series_uid,
+            **{s.modality: s.header.series_uid for s in used},
+        },
+        "region_volume_ml": regions,
+        "coregistration": coregistration,
+        "warnings": [f"{m}: {w}" for m, c in coregistration.items() for w in c["warnings"]],
+        "seg": {**_seg_record(seg, path), "segments": [s.label for s in segments]},
+        "sr": {"file": sr_path.name, "sop_instance_uid": str(sr.SOPInstanceUID)},
+    }
+
+
+def _channel_def_of(task: SeriesTask) -> dict[str, str]:
+    """The MoME+ model's classes (label value -> name) recorded on its segmentation."""
+    return dict(task.segmentation.channel_def or {"0": "background", "1": "lesion"})

@@ -1,6 +1,6 @@
 """``LesionSegWriterOperator``: one binary DICOM-SEG per segmented series, on the series' exact source grid.
 
-Wraps :func:`operators.study_pipeline.write_segs` (highdicom; one frame per source slice in sorted instance order,
+Wraps :func:`operators.seg_writer.write_segs` (highdicom; one frame per source slice in sorted instance order,
 empty frames kept, segment "Lesion" with SNOMED codes, algorithm identification from the bundle metadata). Files go
 to ``staging/<StudyInstanceUID>/``; the report writer moves them into the output folder at the end.
 
@@ -16,7 +16,7 @@ from typing import Any
 from monai.deploy.core import Operator, OperatorSpec
 
 from operators.phi import redacts_errors
-from operators.study_pipeline import write_segs
+from operators.seg_writer import write_segs
 
 __all__ = ["LesionSegWriterOperator"]
 

@@ -21,15 +21,16 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List
+from typing import Any, BinaryIO, Dict, Iterator, List, Sequence
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from operators.limits import InputLimits
+from operators.dicom_series import SeriesRejected
+from operators.limits import InputLimits, check_series
 from operators.phi import register_dataset
 
-__all__ = ["DicomInput", "copy_at_most", "dicom_root", "scan_studies"]
+__all__ = ["DicomInput", "copy_at_most", "dicom_root", "read_pixels", "scan_studies"]
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 CHUNK_BYTES = 1 << 20
@@ -137,3 +138,29 @@ def scan_studies(root: Path) -> DicomInput:
             continue
         studies[str(study)].setdefault(str(series), []).append(header)
     return DicomInput(dict(studies), skipped)
+
+
+def read_pixels(instances: Sequence[Any], name: str, limits: InputLimits | None = None) -> list[Any]:
+    """Full datasets: instances read without pixel data (``stop_before_pixels``) are read again from their file.
+
+    The series' declared matrix, slices and voxels are checked against ``limits`` (default
+    :meth:`InputLimits.from_env`) first, so no pixel data is read or decoded for a series over a limit.
+
+    Raises:
+        SeriesLimitExceeded: the series is over a limit (a :class:`SeriesRejected`).
+        SeriesRejected: an instance has no pixel data, no valid Rows/Columns, or its file cannot be read (named by
+            SOPInstanceUID).
+    """
+    check_series(instances, name, limits or InputLimits.from_env())
+    full = []
+    for ds in instances:
+        if "PixelData" not in ds and getattr(ds, "filename", None):
+            try:
+                ds = pydicom.dcmread(ds.filename)
+            except Exception as error:  # truncated or vanished file: pydicom raises several types
+                uid = getattr(ds, "SOPInstanceUID", "?")
+                raise SeriesRejected(f"{name}: instance {uid} cannot be read ({type(error).__name__}).") from error
+        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise SeriesRejected(f"{name}: instance {getattr(ds, 'SOPInstanceUID', '?')} has no pixel data.")
+        full.append(ds)
+    return full

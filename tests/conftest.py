@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.bundle_path import use_bundle_scripts
+from operators.bundle import use_bundle_scripts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"

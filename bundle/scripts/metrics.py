@@ -75,6 +75,11 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(labeller.GetObjectCount())
 
 
+def voxel_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel in mL of a 4 x 4 voxel-to-mm affine (|det| of its 3 x 3 part / 1000)."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
 def lesion_summary(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, Any]:
     """Lesion volume (mL), count and largest lesion (mL) of a label map (26-connected components) for reports."""
     components, count = connected_components(labels)

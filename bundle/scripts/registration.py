@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from .metrics import voxel_ml
 from .template import TISSUE_SIGNAL, sample_at_voxels, template_volume, voxel_to_world
 
 __all__ = [
@@ -382,7 +383,7 @@ def _quality(
     values = sample_at_voxels(torch.from_numpy(np.asarray(array, np.float32))[None], voxels[inside])[0].numpy()
     nmi = normalised_mutual_information(t1.reshape(-1)[inside & brain], values[brain[inside]])
     signal = array > np.percentile(array, 99) * 0.05
-    signal_ml = float(signal.sum()) * abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    signal_ml = float(signal.sum()) * voxel_ml(affine)
     if signal_ml > STRIPPED_MAX_ML:
         return nmi, coverage, None
     warped = values > np.percentile(array, 99) * 0.05

@@ -8,7 +8,9 @@ import pydicom
 import pytest
 from dicom_factory import make_series
 
-from app.app import AppOptions, run_app
+from app.api import segment_study
+from app.app import AppOptions
+from app.cli.application import run_app
 
 SHAPE = (16, 16, 10)
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -105,9 +107,8 @@ def test_a_bad_series_does_not_stop_the_good_one(tmp_path, tiny_bundle, study):
         target = tmp_path / "in" / "good" / source.relative_to(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(source.read_bytes())
-    options = AppOptions(all_series=True)
-    assert run_app(tmp_path / "in", tmp_path / "out", tiny_bundle, options) == 0
-    (report,) = options.outcome
+    result = segment_study(tmp_path / "in", tmp_path / "out", model=tiny_bundle, all_series=True)  # raises unless 0
+    (report,) = result.reports
     rejected = [e for e in report["segmented"].values() if "rejected" in e]
     assert len(rejected) == 1 and "has no pixel data" in rejected[0]["rejected"]
     assert report["summary"]["segmented_series"] == 1 and report["summary"]["rejected_series"] == 1

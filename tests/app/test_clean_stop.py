@@ -2,7 +2,7 @@
 
 0.9.1 ended with exit 1 after Holoscan's forced exit and left an empty output folder, the staging folder and the
 extracted DICOM files (patient data) in the temporary folder. The console entry points now run the work in a
-supervised child (``app.supervisor``); these tests run the real commands as a user or an orchestrator would.
+supervised child (``app.cli.supervisor``); these tests run the real commands as a user or an orchestrator would.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_a_stop_during_publishing_waits_for_the_last_file(tmp_path):
         """
     )
     supervisor = (
-        "import sys; from app.supervisor import supervise; "
+        "import sys; from app.cli.supervisor import supervise; "
         f"sys.exit(supervise([sys.executable, '-c', {child!r}], 'test'))"
     )
     process = subprocess.Popen(
@@ -122,7 +122,7 @@ def test_a_stop_during_publishing_waits_for_the_last_file(tmp_path):
 
 def test_without_a_stop_the_child_exit_code_passes_through(tmp_path):
     supervisor = (
-        "import sys; from app.supervisor import supervise; "
+        "import sys; from app.cli.supervisor import supervise; "
         "sys.exit(supervise([sys.executable, '-c', 'raise SystemExit(3)'], 't'))"
     )
     result = subprocess.run([sys.executable, "-c", supervisor], cwd=REPO, env=_environment(tmp_path))

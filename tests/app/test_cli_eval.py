@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from app.cli import eval_main
-from app.cli_eval import discover_cases, modality_of
+from app.evaluation import discover_cases, modality_of
 from scripts.metrics import lesion_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from app.cli import seg_main
-from app.cli_seg import guess_modality
+from app.nifti_io import guess_modality
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(0)
@@ -146,8 +146,9 @@ def test_bundle_native_config_runs_native_nifti(tmp_path, tiny_bundle):
 
 
 def test_profile_option_reaches_the_inferer_and_the_report(tiny_bundle, tmp_path):
-    from app.app import build_parser as app_parser
-    from app.cli_seg import PROFILE_NAMES, build_parser
+    from app.cli.application import build_parser as app_parser
+    from app.cli.options import PROFILE_NAMES
+    from app.cli.seg import build_parser
     from scripts.pipeline import MoMESegmenter
     from scripts.profiles import PROFILES
 
@@ -169,7 +170,7 @@ def test_profile_option_reaches_the_inferer_and_the_report(tiny_bundle, tmp_path
 def test_nifti_offsets_keep_their_precision(tmp_path):
     """A NIfTI stored as int32 near -2**31 (a large negative offset) reads as the plain image, shifted to start at 0;
     a float32 read of those values would have rounded them to multiples of 128-256."""
-    from app.cli_seg import load_volume
+    from app.nifti_io import load_volume
 
     rng = np.random.default_rng(0)
     plain = rng.integers(0, 3000, (20, 20, 12)).astype(np.int64)

@@ -10,8 +10,8 @@ from dicom_factory import DCIODVFY, dciodvfy_errors
 from app.demo_study import make_demo_study
 from operators.dicom_series import series_to_volume
 from operators.modality_router import load_rules
+from operators.study import route_study
 from operators.study_loader import scan_studies
-from operators.study_pipeline import route_study
 
 
 def test_demo_study_routes_five_contrasts_and_rejects_the_rest(tmp_path):

@@ -101,7 +101,7 @@ def _seg_labels(path: Path) -> np.ndarray:
 
 def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_bundle, study):
     """``python -m app``'s Holoscan graph and ``run_dicom`` share their stages: same routing, same SEG frames."""
-    from app.app import AppOptions, run_app
+    from app.api import AppOptions, segment_study
     from scripts.pipeline import MoMESegmenter
 
     folder, truth, study_uid = study
@@ -109,7 +109,7 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
     segmenter.network = _BrightnessOracle()
     run_dicom(folder, tmp_path / "plain", segmenter)
     options = AppOptions(segmenter=segmenter)
-    assert run_app(folder, tmp_path / "graph", tiny_bundle, options) == 0
+    result = segment_study(folder, tmp_path / "graph", model=tiny_bundle, options=options)  # raises unless exit 0
     plain, graph = (json.loads((tmp_path / k / study_uid / "report.json").read_text()) for k in ("plain", "graph"))
     assert graph["series"] == plain["series"] and graph["summary"] == plain["summary"]
     (entry,) = graph["segmented"].values()
@@ -124,7 +124,7 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
     np.testing.assert_array_equal(
         _seg_labels(tmp_path / "graph" / study_uid / name), _seg_labels(tmp_path / "plain" / study_uid / name)
     )
-    assert options.outcome and options.outcome[0]["study_instance_uid"] == study_uid
+    assert result.reports and result.reports[0]["study_instance_uid"] == study_uid
     if DCIODVFY:
         assert dciodvfy_errors(tmp_path / "graph" / study_uid / name) == []
         assert dciodvfy_errors(tmp_path / "graph" / study_uid / entry["sr"]["file"]) == []
@@ -132,7 +132,7 @@ def test_deploy_graph_writes_what_the_sequential_pipeline_writes(tmp_path, tiny_
 
 
 def test_python_m_app_exit_codes(tmp_path, tiny_bundle, study, capsys):
-    from app.app import main
+    from app.cli.application import main
 
     folder, _, study_uid = study
     out = tmp_path / "out"
@@ -151,7 +151,7 @@ def test_python_m_app_exit_codes(tmp_path, tiny_bundle, study, capsys):
 
 
 def test_several_studies_in_one_input_get_one_output_folder_each(tmp_path, tiny_bundle, study):
-    from app.app import AppOptions, run_app
+    from app.api import AppOptions, segment_study
     from scripts.pipeline import MoMESegmenter
 
     folder, _, first_uid = study
@@ -170,9 +170,9 @@ def test_several_studies_in_one_input_get_one_output_folder_each(tmp_path, tiny_
     segmenter = MoMESegmenter(tiny_bundle, device="cpu")
     segmenter.network = _BrightnessOracle()
     options = AppOptions(segmenter=segmenter)
-    assert run_app(tmp_path / "in", tmp_path / "out", tiny_bundle, options) == 0
+    result = segment_study(tmp_path / "in", tmp_path / "out", model=tiny_bundle, options=options)  # raises unless 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([first_uid, second_uid])
-    reports = {r["study_instance_uid"]: r for r in options.outcome}
+    reports = {r["study_instance_uid"]: r for r in result.reports}
     assert reports[second_uid]["summary"]["series_in_study"] == 1
     assert reports[first_uid]["summary"]["series_in_study"] == 3
     volumes = [r["summary"]["lesion_volume_ml"]["flair"] for r in reports.values()]

@@ -10,7 +10,8 @@ from dicom_factory import make_series
 from pydicom.uid import generate_uid
 
 from operators.modality_router import load_rules
-from operators.study_pipeline import route_study, segment_study
+from operators.mome_inference import segment_study
+from operators.study import route_study
 from scripts.registration import RegistrationFailed
 
 SHAPE = (40, 40, 20)

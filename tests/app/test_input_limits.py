@@ -20,12 +20,14 @@ import pydicom
 import pytest
 from dicom_factory import make_series
 
-from app.app import AppOptions, run_app
+from app.app import AppOptions
+from app.cli.application import run_app
 from operators.dicom_series import SeriesRejected
 from operators.limits import InputLimits, LimitExceeded, LimitSettingError, SeriesLimitExceeded, env_var
 from operators.modality_router import load_rules
-from operators.study_loader import copy_at_most, dicom_root
-from operators.study_pipeline import read_pixels, route_study, segment_study
+from operators.mome_inference import segment_study
+from operators.study import route_study
+from operators.study_loader import copy_at_most, dicom_root, read_pixels
 
 SHAPE = (16, 16, 10)  # columns, rows, slices
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])

@@ -161,7 +161,7 @@ def test_mode_single_and_a_study_with_one_plus_modality(tmp_path, plus_study):
 
 
 def test_app_mode_flag_and_missing_mome_plus_model(tmp_path, plus_study, capsys):
-    from app.app import main
+    from app.cli.application import main
 
     folder, _ = plus_study
     bundle = _tiny_bundle(tmp_path, plus=False)
@@ -171,7 +171,7 @@ def test_app_mode_flag_and_missing_mome_plus_model(tmp_path, plus_study, capsys)
 
 
 def test_app_graph_runs_mome_plus(tmp_path, plus_study):
-    from app.app import main
+    from app.cli.application import main
 
     folder, uids = plus_study
     bundle = _tiny_bundle(tmp_path)

@@ -23,9 +23,10 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from app.app import AppOptions, run_app
-from app.app import main as app_main
+from app.app import AppOptions
 from app.cli import seg_main
+from app.cli.application import main as app_main
+from app.cli.application import run_app
 from operators.phi import Redactor
 
 NAME, PATIENT_ID, BIRTH_DATE = "Johnathan Plantedname", "PID-PLANTED-4711", "19231105"

@@ -17,9 +17,10 @@ import pytest
 from dicom_factory import make_series
 from pydicom.uid import generate_uid
 
-from app.app import AppOptions, run_app
-from app.app import main as app_main
+from app.app import AppOptions
 from app.cli import seg_main
+from app.cli.application import main as app_main
+from app.cli.application import run_app
 from app.dicom_pipeline import run_dicom
 from operators.output_folder import (
     MANIFEST,
@@ -91,7 +92,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output folder was checked")
 
-    for target in ("app.cli_seg._segmenter", "app.cli_seg.load_volume", "app.app.MoMEApp"):
+    for target in ("app.api._load_segmenter", "app.api.load_volume", "app.app.MoMEApp"):
         monkeypatch.setattr(target, refuse)
     monkeypatch.setattr("app.dicom_pipeline.dicom_root", refuse)
 
@@ -208,14 +209,14 @@ def test_a_dicom_rerun_replaces_only_mome_files(tmp_path, two_flairs):
 
 
 def test_a_nifti_rerun_replaces_only_mome_files_and_stages_beside_the_output(tmp_path, monkeypatch, nifti):
-    import operators.study_pipeline
+    import operators.output_folder
 
     staged = []
-    staging_dir = operators.study_pipeline.staging_dir
+    staging_dir = operators.output_folder.staging_dir
     monkeypatch.setattr(
-        operators.study_pipeline, "staging_dir", lambda out: staged.append(staging_dir(out)) or staged[-1]
+        operators.output_folder, "staging_dir", lambda out: staged.append(staging_dir(out)) or staged[-1]
     )
-    monkeypatch.setattr("app.cli_seg._segmenter", lambda args, say: _Threshold())
+    monkeypatch.setattr("app.api._load_segmenter", lambda *args: _Threshold())
     out = tmp_path / "out"
     assert seg_main([str(nifti), "-o", str(out), "--save-mni", "--quiet"]) == 0
     assert (out / "scan_flair_mni.nii.gz").is_file() and (out / "scan_flair_mni_seg.nii.gz").is_file()
@@ -234,7 +235,7 @@ def test_a_nifti_rerun_replaces_only_mome_files_and_stages_beside_the_output(tmp
 
 
 def test_nifti_inputs_sharing_an_output_folder_keep_each_others_files(tmp_path, monkeypatch, nifti):
-    monkeypatch.setattr("app.cli_seg._segmenter", lambda args, say: _Threshold())
+    monkeypatch.setattr("app.api._load_segmenter", lambda *args: _Threshold())
     other = tmp_path / "other_t1.nii.gz"
     other.write_bytes(nifti.read_bytes())
     out = tmp_path / "out"
@@ -253,7 +254,7 @@ def test_a_failed_nifti_write_leaves_nothing(tmp_path, monkeypatch, nifti):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("app.cli_seg._segmenter", lambda args, say: _Threshold())
+    monkeypatch.setattr("app.api._load_segmenter", lambda *args: _Threshold())
     monkeypatch.setattr("operators.qc_image.save_qc_png", disk_full)
     out = tmp_path / "deep" / "out"
     assert seg_main([str(nifti), "-o", str(out), "--quiet"]) == 1

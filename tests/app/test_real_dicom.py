@@ -17,7 +17,7 @@ from dicom_factory import DCIODVFY, dciodvfy_errors
 from operators.dicom_series import SeriesRejected, series_to_volume
 from operators.modality_router import SeriesHeader, classify, load_rules
 from operators.seg_writer import build_seg
-from operators.study_pipeline import read_pixels
+from operators.study_loader import read_pixels
 
 NIBABEL_DICOM = Path(nibabel.__file__).parent / "nicom" / "tests" / "data"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from robustness_corpus import CASES, check_run, load_brain
 
-from app.app import AppOptions, run_app
+from app.app import AppOptions
+from app.cli.application import run_app
 
 
 @pytest.fixture(scope="session")

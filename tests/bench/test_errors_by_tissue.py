@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bench_modules import load_bench
 
-from app.cli_eval import prediction_path
+from app.evaluation import prediction_path
 from scripts.synthetic import GENERATOR_VERSION, generate_dataset, regenerate_subject
 
 errors = load_bench("errors_by_tissue")

@@ -1,0 +1,85 @@
+"""Exit codes of every command (``mome-seg``, ``mome-eval``, ``mome-convert``, ``python -m app``, the MAP), defined
+once, and the mapping from the API's errors (:mod:`app.errors`) to them.
+
+===  ==========================================================================================================
+0    done
+1    internal error (a traceback was logged)
+2    usage error: bad option, missing model or rules file, unusable output folder, bad ``MOME_MAX_*`` setting
+3    input rejected: the reason is printed and nothing is written
+130  stopped by SIGINT, 143 stopped by SIGTERM (:mod:`app.cli.supervisor`; nothing partial is left behind)
+===  ==========================================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from enum import IntEnum
+
+from app.errors import InputRejected, UsageError
+from operators import bundle, phi
+from operators.dicom_series import SeriesRejected
+from operators.limits import LimitExceeded, LimitSettingError
+from operators.output_folder import UnusableOutputFolder
+from operators.study import NothingToSegment
+
+__all__ = ["ExitCode", "exit_code_for", "fail", "parse_or_exit_code", "rejections"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExitCode(IntEnum):
+    """What a command's exit status means."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    REJECTED = 3
+    SIGINT = 128 + signal.SIGINT
+    SIGTERM = 128 + signal.SIGTERM
+
+
+USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, FileNotFoundError, UnusableOutputFolder, LimitSettingError)
+
+
+def rejections() -> tuple[type[Exception], ...]:
+    """The errors that mean "input rejected": the API's, the operators' and the bundle's volume checks."""
+    return (InputRejected, NothingToSegment, LimitExceeded, SeriesRejected, *bundle.rejections())
+
+
+def exit_code_for(error: BaseException, rejected: tuple[type[BaseException], ...] = ()) -> ExitCode:
+    """The exit code of a failure raised by the API: usage error, rejected input (:func:`rejections` and
+    ``rejected``), else internal error. Usage errors are checked first (``LimitSettingError`` is a ``ValueError``)."""
+    if isinstance(error, USAGE_ERRORS):
+        return ExitCode.USAGE
+    if isinstance(error, (*rejections(), *rejected)):
+        return ExitCode.REJECTED
+    return ExitCode.INTERNAL
+
+
+def fail(prog: str, error: BaseException, rejected: tuple[type[BaseException], ...] = ()) -> ExitCode:
+    """Prints why the command failed (no patient name or ID: :mod:`operators.phi`) and returns its exit code; an
+    internal error logs its traceback. ``rejected``: further error types that mean "input rejected" here."""
+    code = exit_code_for(error, rejected)
+    if code == ExitCode.INTERNAL:
+        logger.error("%s: internal error", prog, exc_info=error)
+        print(phi.redact(f"{prog}: internal error: {error}"), file=sys.stderr)
+    elif code == ExitCode.REJECTED:
+        print(phi.redact(f"{prog}: input rejected: {error}"), file=sys.stderr)
+    else:
+        print(phi.redact(f"{prog}: {error}"), file=sys.stderr)
+    return code
+
+
+def parse_or_exit_code(
+    parser: argparse.ArgumentParser, argv: Sequence[str], known_only: bool = False
+) -> argparse.Namespace | tuple[argparse.Namespace, list[str]] | int:
+    """``parser.parse_args(argv)`` (``parse_known_args`` with ``known_only``), or the exit code argparse chose for
+    ``--help`` (0) or a usage error (2) instead of raising SystemExit."""
+    try:
+        return parser.parse_known_args(argv) if known_only else parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else ExitCode.USAGE
