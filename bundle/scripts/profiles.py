@@ -12,15 +12,15 @@ accurate   parity plus 8-fold mirroring (the authors' published setting).
 
 Why bfloat16 in ``fast``: on a 2-core AVX512-BF16 CPU it makes a release-size 128^3 tile 1.68x faster (55.2 ->
 32.8 s, peak RSS 3.0 -> 2.0 GB) and the demo network 2.06x faster, with labels that agree with parity's at 0.995
-or better and Dice within 0.001 on 10 held-out cases (``bench/results/profile_agreement_bf16.md``). On CPUs
+or better and Dice within 0.001 on 10 held-out cases (the project's profile-agreement benchmark). On CPUs
 without native bf16 PyTorch emulates it and is ~26x slower, so it is never used there.
 
 Why ``fast`` keeps parity's tiles: fewer or larger tiles (step 0.75, tiles 1.33x the patch, one whole-volume
 tile) are 1.4-4.5x faster on the demo model but change its labels far beyond the quality guard (demo MoME 0.7.0:
-median agreement with parity 0.35-0.88, minimum 0.14-0.49, against a bar of 0.98;
-``bench/results/profile_agreement.md``): with instance normalisation every tile's statistics depend on its field
+median agreement with parity 0.35-0.88, minimum 0.14-0.49, against a bar of 0.98, in the project's
+profile-agreement benchmark): with instance normalisation every tile's statistics depend on its field
 of view. They stay available as the ``tile_step`` / ``tile_scale`` overrides for
-models validated with ``bench/profile_agreement.py``. The exact levers (no deep-supervision heads, pairs of small
+models validated with that benchmark. The exact levers (no deep-supervision heads, pairs of small
 tiles per network call, the memory-lean gate for large inputs, ``torch.inference_mode``) apply to every profile.
 
 On CUDA an out-of-memory error falls back from enlarged tiles to patch-sized tiles, then to accumulating the tiles
@@ -85,7 +85,7 @@ PROFILES: Dict[str, ProfileSettings] = {
 }
 
 # Peak bytes of a MoME pass per tile voxel and per stage-0 feature channel, float32. From
-# bench/results/cpu_levers_release.json: a 128^3 release tile with the memory-lean gate peaked at 3.02 GB RSS, of
+# the project's CPU-lever benchmark: a 128^3 release tile with the memory-lean gate peaked at 3.02 GB RSS, of
 # which ~1.3 GB are weights and the process, i.e. ~26 bytes per voxel and channel. Used to decide whether an enlarged
 # tile fits; patch-sized tiles are the fallback.
 BYTES_PER_VOXEL_CHANNEL = 24.0

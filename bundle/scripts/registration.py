@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Below these a registration fails (tests/bundle/test_registration.py: a correct cross-subject registration of a real
+# Below these a registration fails (measured by the project's tests: a correct cross-subject registration of a real
 # head scores NMI 1.017, the same head 20 mm off 1.006; skull-stripped synthetic scans registered right have brain
 # Dice 0.93-0.96 and NMI 1.04-1.05, the 0.9.1 failure on a RescaleIntercept of -1000 had brain Dice 0.00).
 NMI_MINIMUM = 1.01

@@ -30,7 +30,7 @@ Command line (from the bundle root)::
 
 Each subject is generated from ``numpy.random.default_rng([seed, index])`` only, so a dataset is reproducible and
 subject ``i`` does not depend on ``--cases``; ``regenerate_subject`` rebuilds a subject's tissue maps and lesion
-from the dataset JSON's ``generator`` record (error analysis by tissue: ``bench/errors_by_tissue.py``).
+from the dataset JSON's ``generator`` record (the project's error analysis by tissue uses it).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import voxel_ml
+from .networks import MODALITIES, PLUS_MODALITIES  # MoME's expert order and MoME+'s channel order
 from .template import TISSUE_SIGNAL, sample_at_voxels, template_grid, template_maps, voxel_to_world
 
 __all__ = [
@@ -69,8 +71,6 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "1.4"
-MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
-PLUS_MODALITIES = ("t1", "t1ce", "t2", "flair")  # MoME+'s channel order
 BINARY_LABELS = {"background": 0, "lesion": 1}
 # BraTS sub-regions (label 4 of BraTS <= 2021 mapped to 3, as the MoME+ authors' 4-class experts imply).
 BRATS_LABELS = {"background": 0, "necrotic_core": 1, "oedema": 2, "enhancing": 3}
@@ -371,7 +371,7 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type) -> None
 
 
 def _lesion_summary(label: np.ndarray, affine: np.ndarray) -> float:
-    return round(float(label.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0, 3)
+    return round(float(label.sum()) * voxel_ml(affine), 3)
 
 
 def generate_dataset(

@@ -1,5 +1,9 @@
 """Training of MoME experts, joint MoME (curriculum) and plain U-Nets, driven by the bundle's train configs.
 
+The trainer and its loop live here; its settings are grouped in :mod:`scripts.training_settings`, the datalists in
+:mod:`scripts.datalists`, the patch samplers in :mod:`scripts.sampling` and the checkpoint helpers in
+:mod:`scripts.checkpoints`. The names the configs use as ``scripts.training.X`` are re-exported from those modules.
+
 Design choices (documented in ``docs/README.md``):
 
 * Randomness is a pure function of ``(seed, iteration, sample)``: the case, the patch position and every
@@ -18,35 +22,49 @@ Design choices (documented in ``docs/README.md``):
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import json
 import math
 import os
 import sys
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.data import load_decathlon_datalist
-from monai.transforms import Compose
 from torch import nn
 
+from .checkpoints import _atomic_save, load_experts, load_extending, routing_groups
+from .datalists import cache_cases, modality_index, read_datalist, read_plus_datalist, split_by_subject
 from .losses import UNKNOWN_MODALITY, MoMELoss, MoMEPlusLoss, nnunet_deep_supervision_loss
-from .networks import MoME, MoMEPlus, PlainConvUNet, he_init
-from .plus import AVAILABILITY_KEY, availability_patterns, pattern_name
+from .networks import MODALITIES, MoME, MoMEPlus, PlainConvUNet
+from .plus import AVAILABILITY_KEY, pattern_name
 from .profiles import autocast, autocast_precision
+from .sampling import PatchSampler, PlusPatchSampler, _validation_patches
+from .training_settings import (
+    Checkpointing,
+    DataLoading,
+    Optimisation,
+    Runtime,
+    Schedule,
+    Validation,
+    group_settings,
+)
 
 __all__ = [
+    "Checkpointing",
+    "DataLoading",
+    "Optimisation",
     "PatchSampler",
     "PlusPatchSampler",
+    "Runtime",
+    "Schedule",
     "Trainer",
+    "Validation",
+    "bf16_training_hazard",
+    "build_unet",
+    "cache_cases",
     "default_loader_threads",
     "distributed_context",
     "load_experts",
@@ -64,391 +82,33 @@ MODEL = "model.pt"
 LOG = "train_log.jsonl"
 
 
-def modality_index(modality: str, modalities: Sequence[str]) -> int:
-    """Expert index of a modality id (case-insensitive); ``-1`` when it is not one of ``modalities``."""
-    lowered = [m.lower() for m in modalities]
-    return lowered.index(modality.lower()) if modality and modality.lower() in lowered else UNKNOWN_MODALITY
-
-
-def read_datalist(
-    dataset_json: str | Sequence[str], modalities: Sequence[str] | None = None, key: str = "training"
-) -> List[Dict[str, object]]:
-    """Cases of one or more dataset JSONs (paths made absolute), optionally only those of ``modalities``.
-
-    The modality of a case comes from its ``"modality"`` field, never from its file name. Several datasets (e.g.
-    ``--dataset_json "['a/dataset.json', 'b/dataset.json']"``) are concatenated in the order given, each with paths
-    relative to its own folder; a subject ID present in two of them is refused, as the validation split groups cases
-    by subject and would join two different people.
-    """
-    if not isinstance(dataset_json, (str, Path)):
-        return _concatenate_datalists([read_datalist(str(j), modalities, key) for j in dataset_json], dataset_json)
-    path = Path(dataset_json)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: dataset JSON not found (make one with `python -m scripts.synthetic`).")
-    cases = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(path.parent))
-    missing = [c.get("image") for c in cases if "modality" not in c]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} cases have no 'modality' field, e.g. {missing[0]}.")
-    if modalities is not None:
-        wanted = {m.lower() for m in modalities}
-        cases = [c for c in cases if str(c["modality"]).lower() in wanted]
-    if not cases:
-        raise ValueError(f"{path}: no cases with modality in {list(modalities or [])}.")
-    return cases
-
-
-def _subject(case: Dict[str, object]) -> str:
-    return str(case.get("subject", case.get("case", case["image"])))
-
-
-def _concatenate_datalists(datalists: Sequence[List[Dict[str, object]]], sources: Sequence[str]) -> List[Dict]:
-    if not datalists:
-        raise ValueError("no dataset JSON given.")
-    owner: Dict[str, str] = {}
-    for cases, source in zip(datalists, sources):
-        for subject in {_subject(c) for c in cases}:
-            if owner.setdefault(subject, str(source)) != str(source):
-                raise ValueError(f"subject {subject!r} is in both {owner[subject]} and {source}; rename one of them.")
-    return [case for cases in datalists for case in cases]
-
-
-def read_plus_datalist(dataset_json: str, modalities: Sequence[str], key: str = "training") -> List[Dict[str, object]]:
-    """Multi-channel MoME+ cases of a dataset JSON (``image`` = one file per channel, paths made absolute).
-
-    The dataset's channel order (``channel_names``) must equal ``modalities``: channels are matched by position,
-    so a different order would feed every expert the wrong contrast.
-    """
-    path = Path(dataset_json)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: dataset JSON not found (make one with `python -m scripts.synthetic --multichannel`)."
-        )
-    channels = [str(v).lower() for _, v in sorted(json.loads(path.read_text()).get("channel_names", {}).items())]
-    if channels != [m.lower() for m in modalities]:
-        raise ValueError(f"{path}: channels {channels} differ from the model's modalities {list(modalities)}.")
-    cases = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(path.parent))
-    wrong = [c["image"] for c in cases if not isinstance(c["image"], list) or len(c["image"]) != len(modalities)]
-    if wrong:
-        raise ValueError(f"{path}: {len(wrong)} cases do not list {len(modalities)} channel files, e.g. {wrong[0]}.")
-    return cases
-
-
-def split_by_subject(
-    cases: Sequence[Dict[str, object]], val_fraction: float, seed: int, part: str
-) -> List[Dict[str, object]]:
-    """Deterministic train/validation split that keeps all contrasts of a subject on the same side."""
-    if part not in ("train", "val"):
-        raise ValueError(f"part must be 'train' or 'val', got {part!r}.")
-    subjects = sorted({_subject(c) for c in cases})
-    order = np.random.default_rng(seed).permutation(len(subjects))
-    n_val = min(len(subjects) - 1, max(1, int(round(val_fraction * len(subjects))))) if val_fraction > 0 else 0
-    val = {subjects[i] for i in order[:n_val]}
-    keep = (lambda s: s in val) if part == "val" else (lambda s: s not in val)
-    return [c for c in cases if keep(_subject(c))]
-
-
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
     """nnU-Net's poly learning rate for ``epoch`` (0-based)."""
     return initial_lr * (1.0 - epoch / epochs) ** exponent
-
-
-def load_experts(network: MoME, checkpoints: Sequence[str], reinit_heads: bool = False, strict: bool = True) -> MoME:
-    """Initialises MoME's experts from single-expert ``state_dict`` files (``train_expert.json`` outputs).
-
-    Args:
-        network: the MoME whose ``experts[k]`` receives ``checkpoints[k]``.
-        checkpoints: one file per expert, in expert order.
-        reinit_heads: re-initialise the experts' 1x1x1 heads after loading, as the authors' code does
-            (its ``load_pretrained_weights`` skips ``seg_layers``). Off by default: see docs/README.md.
-        strict: passed to ``load_state_dict``.
-    """
-    if len(checkpoints) != len(network.experts):
-        raise ValueError(f"{len(network.experts)} experts but {len(checkpoints)} checkpoints were given.")
-    for expert, path in zip(network.experts, checkpoints):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: expert checkpoint not found (train it with configs/train_expert.json).")
-        expert.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=strict)
-        if reinit_heads:
-            expert.heads.apply(he_init)
-    return network
-
-
-def routing_groups(network: nn.Module, routing_lr_scale: float) -> List[Dict[str, object]]:
-    """Optimizer parameter groups: MoME's classifier routing layers with ``lr_scale``, everything else without.
-
-    The routing layers start at zero and must grow to the size of the gate's weights (about 1) within a short
-    fine-tune; with Adam each step moves them by about the learning rate, hence the scale.
-    """
-    routing = [p for name, p in network.named_parameters() if name.startswith("routing.")]
-    others = [p for name, p in network.named_parameters() if not name.startswith("routing.")]
-    return [{"params": others}, {"params": routing, "lr_scale": float(routing_lr_scale)}]
-
-
-def load_extending(network: MoME, path: str) -> MoME:
-    """Loads a MoME state dict saved without the modality classifier into ``network`` that has one.
-
-    The classifier and the routing layers keep their initialisation; the routing layers start at zero, so the loaded
-    network computes exactly what the saved one did until training moves them. Any other difference is an error.
-    """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state = network.state_dict()
-    for key, value in state.items():
-        if key not in saved:
-            if not key.startswith(("classifier.", "routing.")):
-                raise KeyError(f"{path}: no {key!r} in the checkpoint.")
-            continue
-        old = saved[key]
-        if old.shape != value.shape:
-            raise ValueError(f"{path}: {key!r} has shape {tuple(old.shape)}, the network {tuple(value.shape)}.")
-        state[key] = old
-    unexpected = sorted(set(saved) - set(state))
-    if unexpected:
-        raise KeyError(f"{path}: unexpected keys {unexpected[:3]}.")
-    network.load_state_dict(state, strict=True)
-    return network
-
-
-class PatchSampler:
-    """Draws training batches from cached cases; randomness is a function of ``(seed, iteration, sample)``.
-
-    Args:
-        cases: dicts with ``image`` ``(1, D, H, W)`` float tensor, ``label`` ``(1, D, H, W)`` and ``expert``
-            (modality index, ``-1`` if unknown).
-        patch_size: spatial patch size (network axis order).
-        batch_size: samples per batch.
-        foreground_fraction: nnU-Net's oversampling: samples with index ``>= round(B * (1 - f))`` are centred on a
-            lesion voxel (with ``B = 1`` a sample is forced with probability ``f``).
-        augmentation: optional MONAI dictionary transform applied to each ``{"image", "label"}`` patch; its random
-            state is reseeded per sample.
-        seed: base seed.
-        rank, world_size: data-parallel shard. ``batch_size`` is the global batch: replica ``rank`` draws samples
-            ``rank * B / W ... (rank + 1) * B / W - 1`` of each iteration, so ``W`` replicas together see exactly the
-            batches of one process.
-    """
-
-    def __init__(
-        self,
-        cases: Sequence[Dict[str, object]],
-        patch_size: Sequence[int],
-        batch_size: int = 2,
-        foreground_fraction: float = 0.33,
-        augmentation: Callable | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if not cases:
-            raise ValueError("no training cases.")
-        if batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(
-                f"the batch of {batch_size} cannot be split evenly over {world_size} data-parallel replicas "
-                f"(rank {rank}): make batch_size a multiple of the number of processes."
-            )
-        self.cases = list(cases)
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.batch_size = batch_size
-        self.foreground_fraction = foreground_fraction
-        self.augmentation = augmentation
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
-        self._foreground = [torch.nonzero(torch.as_tensor(c["label"])[0] > 0) for c in self.cases]
-        self._thread = threading.local()  # a loader thread's own copy of the augmentation
-
-    def _forced(self, sample: int, rng: np.random.Generator) -> bool:
-        if self.batch_size == 1:
-            return bool(rng.random() < self.foreground_fraction)
-        return sample >= round(self.batch_size * (1 - self.foreground_fraction))
-
-    def _start(self, shape: Sequence[int], rng: np.random.Generator, centre: Sequence[int] | None) -> List[int]:
-        starts = []
-        for axis, (size, patch) in enumerate(zip(shape, self.patch_size)):
-            high = size - patch
-            if centre is None:
-                starts.append(int(rng.integers(min(0, high), max(0, high) + 1)))
-            else:
-                starts.append(int(np.clip(centre[axis] - patch // 2, min(0, high), max(0, high))))
-        return starts
-
-    def _crop(self, volume: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
-        """Crops a patch; regions outside the volume are zero-padded."""
-        out = volume.new_zeros((volume.shape[0], *self.patch_size))
-        src, dst = [], []
-        for s, size, patch in zip(start, volume.shape[1:], self.patch_size):
-            lo, hi = max(s, 0), min(s + patch, size)
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - s, hi - s))
-        out[(slice(None), *dst)] = volume[(slice(None), *src)]
-        return out
-
-    def sample(self, iteration: int, index: int) -> Dict[str, torch.Tensor]:
-        """Sample ``index`` of batch ``iteration``: ``image``, ``label`` and ``expert`` (modality index)."""
-        return self._sample_case(iteration, index)[1]
-
-    def _sample_case(self, iteration: int, index: int) -> Tuple[int, Dict[str, torch.Tensor]]:
-        rng = np.random.default_rng([self.seed, iteration, index])
-        case_index = int(rng.integers(len(self.cases)))
-        case = self.cases[case_index]
-        image, label = torch.as_tensor(case["image"]), torch.as_tensor(case["label"])
-        foreground = self._foreground[case_index]
-        centre = None
-        if self._forced(index, rng) and len(foreground):
-            centre = foreground[int(rng.integers(len(foreground)))].tolist()
-        start = self._start(image.shape[1:], rng, centre)
-        patch = {"image": self._crop(image.float(), start), "label": self._crop(label.float(), start)}
-        augmentation = getattr(self._thread, "augmentation", self.augmentation)
-        if augmentation is not None:
-            if hasattr(augmentation, "set_random_state"):
-                augmentation.set_random_state(seed=int(rng.integers(2**31)))
-            patch = augmentation(patch)
-        return case_index, {
-            "image": torch.as_tensor(patch["image"]).float(),
-            "label": torch.as_tensor(patch["label"]).round().clamp(0).long(),
-            "expert": torch.tensor(int(case.get("expert", UNKNOWN_MODALITY))),
-        }
-
-    def batch(self, iteration: int, whole: bool = False) -> Dict[str, torch.Tensor]:
-        """This replica's share of batch ``iteration`` (the whole batch with ``whole=True`` or a single process)."""
-        share = self.batch_size // self.world_size
-        indices = range(self.batch_size) if whole else range(self.rank * share, (self.rank + 1) * share)
-        samples = [self.sample(iteration, b) for b in indices]
-        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-
-    def batches(self, iterations: Iterable[int], threads: int = 0, pin_memory: bool = False) -> Iterator[Dict]:
-        """This replica's batches of ``iterations``, in order, equal to :meth:`batch` of each.
-
-        With ``threads > 0`` they are prepared ahead (up to ``2 * threads`` batches) in that many background threads,
-        each with its own copy of the augmentation, while the caller trains on the current one: nnU-Net's background
-        workers, as threads (the crops, MONAI transforms and ``torch`` ops release the GIL for their heavy work).
-        ``pin_memory`` page-locks each batch in its thread for an asynchronous copy to the GPU.
-        """
-        if threads <= 0:
-            for iteration in iterations:
-                yield self._loaded_batch(iteration, pin_memory)
-            return
-        pending: deque[Future] = deque()
-        remaining = iter(iterations)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="mome-batches", initializer=self._start_loader_thread)
-        try:
-            for iteration in itertools.islice(remaining, 2 * threads):
-                pending.append(pool.submit(self._loaded_batch, iteration, pin_memory))
-            while pending:
-                batch = pending.popleft().result()
-                for iteration in itertools.islice(remaining, 1):
-                    pending.append(pool.submit(self._loaded_batch, iteration, pin_memory))
-                yield batch
-        finally:  # also when the consumer stops early (an error in a training step)
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _start_loader_thread(self) -> None:
-        self._thread.augmentation = copy.deepcopy(self.augmentation)
-
-    def _loaded_batch(self, iteration: int, pin_memory: bool) -> Dict[str, torch.Tensor]:
-        batch = self.batch(iteration)
-        return _pinned(batch) if pin_memory else batch
-
-
-def _pinned(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {key: value.pin_memory() for key, value in batch.items()}
-
-
-class PlusPatchSampler(PatchSampler):
-    """:class:`PatchSampler` for MoME+: each sample also gets a random availability vector (modality dropout).
-
-    The vector is drawn uniformly from the non-empty subsets of the case's own available modalities (all ``2^M - 1``
-    when every channel is present, as upstream), from ``default_rng([seed, iteration, sample, 1])``. Missing channels
-    are zeroed in the patch, so nothing of a dropped modality reaches the network.
-    """
-
-    def __init__(self, cases: Sequence[Dict[str, object]], patch_size: Sequence[int], *args, **kwargs) -> None:
-        super().__init__(cases, patch_size, *args, **kwargs)
-        channels = int(torch.as_tensor(self.cases[0]["image"]).shape[0])
-        self.patterns = torch.tensor(availability_patterns(channels), dtype=torch.float32)
-
-    def sample(self, iteration: int, index: int) -> Dict[str, torch.Tensor]:
-        case_index, drawn = self._sample_case(iteration, index)
-        present = self.cases[case_index].get(AVAILABILITY_KEY)
-        allowed = self.patterns
-        if present is not None:
-            allowed = self.patterns[(self.patterns <= torch.as_tensor(present).float()).all(dim=1)]
-        rng = np.random.default_rng([self.seed, iteration, index, 1])
-        availability = allowed[int(rng.integers(len(allowed)))]
-        drawn["image"] = drawn["image"] * availability[:, None, None, None]
-        drawn[AVAILABILITY_KEY] = availability
-        return drawn
-
-
-def _validation_patches(cases: Sequence[Dict[str, object]], patch_size: Sequence[int]) -> List[Dict[str, torch.Tensor]]:
-    """Two fixed patches per validation case: centred on the lesion's median voxel and on the volume centre."""
-    sampler = PatchSampler(cases, patch_size, batch_size=1)
-    patches = []
-    for case, foreground in zip(sampler.cases, sampler._foreground):
-        image, label = torch.as_tensor(case["image"]).float(), torch.as_tensor(case["label"]).float()
-        centres = [[s // 2 for s in image.shape[1:]]]
-        if len(foreground):
-            centres.insert(0, foreground.median(dim=0).values.tolist())
-        for centre in centres:
-            start = sampler._start(image.shape[1:], np.random.default_rng(0), centre)
-            patches.append(
-                {
-                    "image": sampler._crop(image, start),
-                    "label": sampler._crop(label, start).long(),
-                    "expert": int(case.get("expert", UNKNOWN_MODALITY)),
-                    AVAILABILITY_KEY: case.get(AVAILABILITY_KEY),
-                }
-            )
-    return patches
 
 
 class Trainer:
     """nnU-Net-style training loop for a MoME (curriculum) or a single U-Net (expert or universal baseline).
 
     Args:
-        network: a :class:`scripts.networks.MoME` (joint training with :class:`scripts.losses.MoMELoss`) or a
+        network: a :class:`scripts.networks.MoME` (joint training with :class:`scripts.losses.MoMELoss`), a
+            :class:`scripts.networks.MoMEPlus` (:class:`scripts.losses.MoMEPlusLoss`, modality dropout) or a
             :class:`scripts.networks.PlainConvUNet` (deep-supervised Dice + CE).
-        optimizer: optimizer over all trainable parameters (SGD, Nesterov, momentum 0.99 as upstream).
+        optimizer: optimizer over all trainable parameters (SGD, Nesterov, momentum 0.99 as upstream); a parameter
+            group's ``lr_scale`` scales the scheduled learning rate (see :func:`scripts.checkpoints.routing_groups`).
         train_cases: cached cases (``image``, ``label``, ``modality``) in network axis order, normalised.
-        val_cases: cases for the per-epoch pseudo-Dice (may be empty).
         patch_size: training patch size.
-        output_dir: where ``checkpoint_latest.pt``, ``model.pt``, ``model_final.pt`` and ``train_log.jsonl`` go.
         modalities: modality ids in expert order (used for routing and the per-modality log).
-        epochs, iterations_per_epoch, batch_size, initial_lr, poly_exponent: nnU-Net schedule.
-        curriculum_exponent, expert_reduction: see :class:`scripts.losses.MoMELoss`.
-        grad_clip: max gradient norm (``None``/0 disables).
-        clip_scope: ``"all"`` clips each network separately (our default), ``"gate"`` only the gate (upstream).
-        augmentation: MONAI dictionary transform for training patches.
-        foreground_fraction: nnU-Net's foreground oversampling.
-        seed: base seed of all sampling.
-        device: torch device; AMP (``torch.autocast`` + ``GradScaler``) is used on CUDA when ``amp``.
-        cpu_bf16: on a CPU that computes bfloat16 natively (AVX512-BF16/AMX, see
-            :func:`scripts.profiles.cpu_has_native_bf16`), run the forward passes under bfloat16 autocast and the
-            losses on float32 logits; no loss scaling is needed (bf16 has float32's exponent range) and the weights and
-            optimiser stay float32.
-            Ignored on CUDA and on other CPUs, where bf16 is emulated and slower than float32. A 64^3 expert step
-            (batch 2, two threads) took 0.38 s against 0.65 s in float32 on an AVX512-BF16 EPYC. Not taken where a
-            U-Net stage would see a patch 2 voxels deep (see :func:`bf16_training_hazard`).
-        channels_last: use the channels-last 3-D memory layout on CPU (about 20 % faster convolutions here).
-        resume: continue from ``output_dir/checkpoint_latest.pt`` when it exists.
-        progress: show a progress bar per epoch.
-        max_iterations: stop after this many iterations in total (for smoke tests and budgets); ``None`` = all.
-        modality_dropout: a plain multi-channel U-Net trained like MoME+ (random availability per sample, dropped
-            channels zero-filled; validation per availability pattern): the MoME+ benchmark's baseline.
-        gate_warmup_epochs: MoME only. Train only the gate, on the fused loss, for this many first epochs, with the
-            experts frozen (their forward runs without autograd, so an iteration costs about half); the curriculum
-            then runs over the remaining epochs (``r = (epoch - warm-up) / (epochs - warm-up)``). 0 (default) is the
-            authors' recipe. Why: the gate's weights are raw, not softmax-normalised, so at initialisation the fused
-            output is a random signed mix of expert logits (pseudo-Dice 0.02 with five trained experts), and the
-            curriculum gives the fused loss almost no weight while ``r`` is small; short CPU schedules never recover.
-        gate_routing_weight: MoME only. Weight of the gate routing prior of :class:`scripts.losses.MoMELoss` (our
-            extension; 0, the default, is the authors' loss).
-        classifier_warmup_steps: MoME with a modality classifier only. Before the first epoch, train the classifier
-            alone for this many steps (Adam, ``classifier_warmup_lr``, cross-entropy against the samples' modality,
-            on the training sampler's batches): inside the joint loss at lr 1e-3 it stayed at chance for 100
-            iterations, so the gate's prior carried no information.
-        classifier_warmup_lr: learning rate of that warm-up.
-        loader_threads: background threads that sample and augment the next batches while the network trains on the
-            current one (see :meth:`PatchSampler.batches`; the batches are identical either way). ``None`` (default):
-            :func:`default_loader_threads`, i.e. none on the CPU, where the step already uses every core and the
-            augmentation is about 1 % of it, and up to 4 with a GPU, where it would otherwise dominate the step.
+        checkpointing: output folder and resume (:class:`scripts.training_settings.Checkpointing`).
+        schedule: epochs, iterations, poly learning rate and warm-up phases
+            (:class:`~scripts.training_settings.Schedule`).
+        optimisation: loss and gradient clipping (:class:`~scripts.training_settings.Optimisation`).
+        data_loading: batch size, sampling, augmentation, seed and loader threads
+            (:class:`~scripts.training_settings.DataLoading`).
+        validation: validation cases and MoME+ availability patterns (:class:`~scripts.training_settings.Validation`).
+        runtime: device, precision, memory layout and progress bar (:class:`~scripts.training_settings.Runtime`).
+
+    :meth:`from_options` takes the same settings as flat keyword arguments (``epochs=4, seed=3``).
 
     Data-parallel training: when a ``torch.distributed`` process group is initialised (``torchrun`` with
     ``configs/multi_gpu_train.json``), the network is wrapped in ``DistributedDataParallel`` and ``batch_size`` is the
@@ -463,89 +123,108 @@ class Trainer:
         network: nn.Module,
         optimizer: torch.optim.Optimizer,
         train_cases: Sequence[Dict[str, object]],
-        val_cases: Sequence[Dict[str, object]],
         patch_size: Sequence[int],
-        output_dir: str,
-        modalities: Sequence[str] = ("t1", "t1ce", "t2", "flair", "dwi"),
-        epochs: int = 800,
-        iterations_per_epoch: int = 250,
-        batch_size: int = 2,
-        initial_lr: float = 1e-3,
-        poly_exponent: float = 0.9,
-        curriculum_exponent: float = 2.0,
-        expert_reduction: str = "sum",
-        grad_clip: float | None = 12.0,
-        clip_scope: str = "all",
-        augmentation: Callable | None = None,
-        foreground_fraction: float = 0.33,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        amp: bool = True,
-        cpu_bf16: bool = False,
-        channels_last: bool = True,
-        resume: bool = True,
-        progress: bool = True,
-        max_iterations: int | None = None,
-        gate_warmup_epochs: int = 0,
-        curriculum: bool = True,
-        val_patterns: Sequence[Sequence[int]] | None = None,
-        modality_dropout: bool = False,
-        gate_routing_weight: float = 0.0,
-        classifier_warmup_steps: int = 0,
-        classifier_warmup_lr: float = 3e-3,
-        loader_threads: int | None = None,
+        modalities: Sequence[str] = MODALITIES,
+        *,
+        checkpointing: Checkpointing,
+        schedule: Schedule | None = None,
+        optimisation: Optimisation | None = None,
+        data_loading: DataLoading | None = None,
+        validation: Validation | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
-        if clip_scope not in ("all", "gate"):
-            raise ValueError(f"clip_scope must be 'all' or 'gate', got {clip_scope!r}.")
-        self.device = torch.device(device)
+        schedule = Schedule() if schedule is None else schedule
+        optimisation = Optimisation() if optimisation is None else optimisation
+        loading = DataLoading() if data_loading is None else data_loading
+        validation = Validation() if validation is None else validation
+        runtime = Runtime() if runtime is None else runtime
+        self.device = torch.device(runtime.device)
         self.rank, self.world_size = distributed_context()
         self.network = network.to(self.device)
         self.is_mome = isinstance(network, MoME)
         self.is_plus = isinstance(network, MoMEPlus)
+        epochs, gate_warmup_epochs = schedule.epochs, schedule.gate_warmup_epochs
         if gate_warmup_epochs and not (self.is_mome and 0 <= gate_warmup_epochs < epochs):
             raise ValueError(f"gate_warmup_epochs={gate_warmup_epochs} needs a MoME and fewer than epochs={epochs}.")
         self.gate_warmup_epochs = int(gate_warmup_epochs)
-        self.channels_last = channels_last and self.device.type == "cpu"
+        self.channels_last = runtime.channels_last and self.device.type == "cpu"
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last_3d)
         self.optimizer = optimizer
         self.modalities = [m.lower() for m in modalities]
         self.train_cases = self._with_expert(train_cases)
+        val_cases = validation.val_cases
         self.val_patches = _validation_patches(self._with_expert(val_cases), patch_size) if val_cases else []
-        self.dropout = self.is_plus or modality_dropout
+        self.dropout = self.is_plus or loading.modality_dropout
         sampler = PlusPatchSampler if self.dropout else PatchSampler
         shard = {"rank": self.rank, "world_size": self.world_size}
         self.sampler = sampler(
-            self.train_cases, patch_size, batch_size, foreground_fraction, augmentation, seed, **shard
-        )
+            self.train_cases, patch_size, loading.batch_size, loading.foreground_fraction, loading.augmentation,
+            loading.seed, **shard,
+        )  # fmt: skip
         self.num_classes = int(network.num_classes if self.is_mome else network.out_channels)
-        self.val_patterns = self._val_patterns(val_patterns) if self.dropout else []
-        levels = self._levels(network)
-        if self.is_plus:
-            self.loss = MoMEPlusLoss(levels, curriculum_exponent, expert_reduction, curriculum, self.world_size)
-        else:
-            mome_loss = MoMELoss(
-                levels, curriculum_exponent, expert_reduction, gate_routing_weight, replicas=self.world_size
-            )
-            self.loss = mome_loss if self.is_mome else None
-        self.single_loss = None if self.is_mome else nnunet_deep_supervision_loss(levels)
-        self.output_dir = Path(output_dir)
-        self.epochs, self.iterations_per_epoch = epochs, iterations_per_epoch
-        self.initial_lr, self.poly_exponent = initial_lr, poly_exponent
-        self.grad_clip, self.clip_scope = grad_clip, clip_scope
-        self.precision = autocast_precision(self.device, amp, cpu_bf16)
+        self.val_patterns = self._val_patterns(validation.val_patterns) if self.dropout else []
+        self.loss, self.single_loss = self._losses(network, optimisation)
+        self.output_dir = Path(checkpointing.output_dir)
+        self.epochs, self.iterations_per_epoch = epochs, schedule.iterations_per_epoch
+        self.initial_lr, self.poly_exponent = schedule.initial_lr, schedule.poly_exponent
+        self.grad_clip, self.clip_scope = optimisation.grad_clip, optimisation.clip_scope
+        self.precision = autocast_precision(self.device, runtime.amp, runtime.cpu_bf16)
         hazard = bf16_training_hazard(network, patch_size) if self.precision == "bfloat16" else None
         if hazard:
             _log(f"cpu_bf16 ignored, training in float32: {hazard}")
             self.precision = "float32"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "float16")
-        self.resume, self.progress, self.max_iterations = resume, progress, max_iterations
-        if classifier_warmup_steps and getattr(network, "classifier", None) is None:
+        self.resume, self.progress = checkpointing.resume, runtime.progress
+        self.max_iterations = schedule.max_iterations
+        if schedule.classifier_warmup_steps and getattr(network, "classifier", None) is None:
             raise ValueError("classifier_warmup_steps needs a MoME with a modality classifier.")
-        self.classifier_warmup_steps, self.classifier_warmup_lr = int(classifier_warmup_steps), classifier_warmup_lr
+        self.classifier_warmup_steps = int(schedule.classifier_warmup_steps)
+        self.classifier_warmup_lr = schedule.classifier_warmup_lr
         self.start_epoch, self.ema_dice, self.best_ema, self.history = 0, None, -1.0, []
-        self.loader_threads = default_loader_threads(self.device) if loader_threads is None else int(loader_threads)
+        threads = loading.loader_threads
+        self.loader_threads = default_loader_threads(self.device) if threads is None else int(threads)
         self.model = self._data_parallel()
+
+    @classmethod
+    def from_options(
+        cls,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_cases: Sequence[Dict[str, object]],
+        val_cases: Sequence[Dict[str, object]],
+        patch_size: Sequence[int],
+        output_dir: str,
+        modalities: Sequence[str] = MODALITIES,
+        **options: object,
+    ) -> Trainer:
+        """A trainer from flat settings, e.g. ``Trainer.from_options(net, opt, train, val, (16,) * 3, out, epochs=4)``.
+
+        Args:
+            network, optimizer, train_cases, patch_size, modalities: as for :class:`Trainer`.
+            val_cases: :attr:`scripts.training_settings.Validation.val_cases`.
+            output_dir: :attr:`scripts.training_settings.Checkpointing.output_dir`.
+            options: any other field of the setting groups, by name
+                (see :func:`scripts.training_settings.group_settings`).
+
+        Raises:
+            TypeError: an option is not a field of any group.
+        """
+        groups = group_settings(val_cases=val_cases, output_dir=output_dir, **options)
+        return cls(network, optimizer, train_cases, patch_size, modalities, **groups)
+
+    def _losses(self, network: nn.Module, optimisation: Optimisation) -> Tuple[nn.Module | None, object]:
+        """``(MoME or MoME+ loss, single U-Net loss)``; the one that does not apply is ``None``."""
+        levels = self._levels(network)
+        o = optimisation
+        if self.is_plus:
+            loss = MoMEPlusLoss(levels, o.curriculum_exponent, o.expert_reduction, o.curriculum, self.world_size)
+        else:
+            mome_loss = MoMELoss(
+                levels, o.curriculum_exponent, o.expert_reduction, o.gate_routing_weight, replicas=self.world_size
+            )
+            loss = mome_loss if self.is_mome else None
+        return loss, None if self.is_mome else nnunet_deep_supervision_loss(levels)
 
     def _data_parallel(self) -> nn.Module:
         """The module the training steps call: the network, or its DDP wrapper in a multi-process run."""
@@ -572,18 +251,22 @@ class Trainer:
         return checked
 
     def _with_expert(self, cases: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+        """``cases`` with ``expert``, the index of their modality in :attr:`modalities` (``-1`` if unknown)."""
         return [{**c, "expert": modality_index(str(c.get("modality", "")), self.modalities)} for c in cases]
 
     @staticmethod
     def _levels(network: nn.Module) -> int:
+        """Deep-supervision levels (decoder stages) of a MoME's gate or a U-Net."""
         unet = network.gate if isinstance(network, MoME) else network
         return len(unet.decoder)
 
     # -- checkpointing ---------------------------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path:
+        """``output_dir/checkpoint_latest.pt``."""
         return self.output_dir / CHECKPOINT
 
     def save_checkpoint(self, next_epoch: int) -> None:
+        """Atomically writes the resumable state (network, optimizer, scaler, EMA, history) for ``next_epoch``."""
         state = {
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -596,6 +279,7 @@ class Trainer:
         _atomic_save(state, self._checkpoint_path())
 
     def load_checkpoint(self) -> bool:
+        """Restores :meth:`save_checkpoint`'s state when resuming and it exists; returns whether it did."""
         path = self._checkpoint_path()
         if not (self.resume and path.is_file()):
             return False
@@ -611,10 +295,12 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the training device (asynchronous copy), channels-last 3-D when that layout is used."""
         tensor = tensor.to(self.device, non_blocking=True)
         return tensor.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else tensor
 
     def _nets(self) -> List[nn.Module]:
+        """The networks whose gradient norms are clipped separately (see ``clip_scope``)."""
         if not self.is_mome:
             return [self.network]
         classifier = [self.network.classifier, self.network.routing] if self.network.classifier is not None else []
@@ -624,6 +310,7 @@ class Trainer:
         return [*self.network.experts, self.network.gate, *extra]
 
     def train_step(self, batch: Dict[str, torch.Tensor], r: float) -> Dict[str, float]:
+        """One optimizer step on ``batch`` at curriculum progress ``r``; returns the loss terms as floats."""
         image, label = self._to_device(batch["image"]), batch["label"].to(self.device).float()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
@@ -694,6 +381,7 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------------------------
     def _epoch(self, epoch: int, bar_desc: str) -> Dict[str, float]:
+        """Trains one epoch (learning rate, warm-up freezing, steps); returns its record (mean loss terms)."""
         lr = poly_lr(self.initial_lr, epoch, self.epochs, self.poly_exponent)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # a param group may scale the schedule (see routing_groups)
@@ -780,10 +468,12 @@ class Trainer:
         return losses
 
     def _log(self, message: str) -> None:
+        """:func:`_log` on the main process only."""
         if self.is_main:
             _log(message)
 
     def _track_best(self, record: Dict[str, object]) -> None:
+        """Updates the EMA of the validation Dice and writes ``model.pt`` when it improves (marks ``record``)."""
         dice = record["val_dice"]
         if not dice:
             return
@@ -822,14 +512,8 @@ def _to_float(outputs: object) -> object:
     return outputs
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
-
-
 def _progress(steps: range, desc: str, enabled: bool):
+    """``steps`` wrapped in a tqdm bar on stderr when ``enabled``."""
     if not enabled:
         return steps
     from tqdm import tqdm
@@ -838,6 +522,7 @@ def _progress(steps: range, desc: str, enabled: bool):
 
 
 def _format(record: Dict[str, object], epochs: int) -> str:
+    """One human-readable log line for an epoch record."""
     stage = "gate warm-up" if record.get("gate_warmup") else f"r={record['r']:.3f}"
     parts = [f"epoch {int(record['epoch']) + 1}/{epochs}", stage, f"lr={record['lr']:.2e}"]
     parts.append(f"loss={record.get('loss', math.nan):.4f}")
@@ -879,24 +564,13 @@ def bf16_training_hazard(network: nn.Module, patch_size: Sequence[int]) -> str |
 
 
 def _log(message: str) -> None:
+    """Writes a progress line to stderr (the trainer's log; ``train_log.jsonl`` holds the records)."""
     print(message, file=sys.stderr, flush=True)
 
 
 def build_unet(in_channels: int, num_classes: int, **topology) -> PlainConvUNet:
     """A deep-supervised plain U-Net (expert or universal baseline) from a topology dict."""
     return PlainConvUNet(in_channels, num_classes, deep_supervision=True, **topology)
-
-
-def cache_cases(datalist: Sequence[Dict[str, object]], preprocessing: Compose) -> List[Dict[str, object]]:
-    """Applies the deterministic preprocessing once and keeps the cases in memory (with their metadata fields)."""
-    cached = []
-    for item in datalist:
-        data = preprocessing(dict(item))
-        case = {**item, "image": torch.as_tensor(data["image"]), "label": torch.as_tensor(data["label"])}
-        if AVAILABILITY_KEY in data:
-            case[AVAILABILITY_KEY] = torch.as_tensor(data[AVAILABILITY_KEY]).float()
-        cached.append(case)
-    return cached
 
 
 def _confusion(prediction: torch.Tensor, truth: torch.Tensor, num_classes: int) -> np.ndarray:

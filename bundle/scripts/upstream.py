@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .networks import MODALITIES, PLUS_MODALITIES
+
 __all__ = [
     "GATE_FILE",
     "MOMEPLUS_DISPATCH_FILE",
@@ -44,8 +46,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GATE_FILE = "checkpoint_best.pth"
-MOME_MODALITIES = ("t1", "t1ce", "t2", "flair", "dwi")
-MOMEPLUS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+MOME_MODALITIES = MODALITIES  # the authors' expert order, defined once in scripts.networks
+MOMEPLUS_MODALITIES = PLUS_MODALITIES
 MOMEPLUS_DISPATCH_FILE = "checkpoint_best_dispatch.pth"
 MOME, MOME_PLUS = "mome", "mome_plus"
 _SUPPORTED_NORMALIZATION = {"ZScoreNormalization"}

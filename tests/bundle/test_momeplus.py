@@ -296,7 +296,9 @@ def _trainer(tmp_path: Path, model: MoMEPlus, **kwargs) -> Trainer:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
     options = {"epochs": 4, "iterations_per_epoch": 3, "batch_size": 2, "initial_lr": 0.01, "progress": False}
     options.update({"seed": 1, "foreground_fraction": 1.0, **kwargs})
-    return Trainer(model, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options)
+    return Trainer.from_options(
+        model, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options
+    )
 
 
 def test_smoke_training_decreases_the_loss_and_logs_dice_per_pattern(tmp_path):
@@ -477,7 +479,9 @@ def test_zero_filled_unet_baseline_trains_with_the_same_modality_dropout(tmp_pat
     optimizer = torch.optim.SGD(unet.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     cases = _cases()
     options = {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "progress": False, "modality_dropout": True}
-    trainer = Trainer(unet, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options)
+    trainer = Trainer.from_options(
+        unet, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options
+    )
     history = trainer.run()
     assert isinstance(trainer.sampler, PlusPatchSampler)
     assert set(history[-1]["val_dice"]) == {"t1+t1ce+t2+flair", "t1", "t1ce", "t2", "flair", "mean"}

@@ -68,7 +68,9 @@ def _trainer(tmp_path: Path, network, cases, **kwargs) -> Trainer:
     )
     options = {"epochs": 4, "iterations_per_epoch": 2, "batch_size": 2, "initial_lr": 0.01, "progress": False}
     options.update({"augmentation": augmentation, "seed": 3, **kwargs})
-    return Trainer(network, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options)
+    return Trainer.from_options(
+        network, optimizer, cases[:-1], cases[-1:], (16, 16, 16), str(tmp_path), MODALITIES, **options
+    )
 
 
 def _mome(seed: int = 0) -> MoME:
