@@ -35,7 +35,7 @@ from operators.bundle import choose_models, lesion_summary, load_segmenters, res
 from operators.limits import InputLimits
 from operators.modality_router import MODALITIES
 from operators.output_folder import Staged, check_output_folder, publish
-from operators.study import Segmenter
+from operators.study import Mode, Segmentation, Segmenter
 
 __all__ = ["AppOptions", "NiftiResult", "StudyResults", "evaluate", "segment_nifti", "segment_study"]
 
@@ -60,7 +60,7 @@ def segment_study(
     modalities: Sequence[str] = MODALITIES,
     all_series: bool = False,
     rules_file: Path | None = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     device: str | None = None,
     tta: bool = False,
     profile: str | None = None,
@@ -76,6 +76,7 @@ def segment_study(
     (e.g. to pass your own segmenter).
 
     Raises:
+        FileNotFoundError: ``model`` names no such folder.
         The errors of :func:`app.app.run_app` (nothing is written when one is raised).
     """
     options = options or AppOptions(
@@ -89,7 +90,7 @@ def segment_study(
         mode=mode,
         limits=limits,
     )
-    return run_app(Path(source), Path(out), Path(model) if model else None, options)
+    return run_app(Path(source), Path(out), _bundle(model), options)
 
 
 def segment_nifti(
@@ -158,7 +159,7 @@ def _nifti_report(
     source: Path,
     array: np.ndarray,
     affine: np.ndarray,
-    result: Any,
+    result: Segmentation,
     modality: str | None,
     model: dict[str, Any],
     tta: bool,
@@ -190,7 +191,7 @@ def _write_nifti_outputs(
     array: np.ndarray,
     affine: np.ndarray,
     header: Any,
-    result: Any,
+    result: Segmentation,
     report: dict[str, Any],
     save_mni: bool,
     started: float,

@@ -43,7 +43,7 @@ from operators.output_folder import (
 )
 from operators.report_writer_operator import ReportWriterOperator
 from operators.seg_writer_operator import LesionSegWriterOperator
-from operators.study import NothingToSegment, PlusSegmenter, Segmenter
+from operators.study import Mode, NothingToSegment, PlusSegmenter, Segmenter
 from operators.study_loader_operator import StudyLoaderOperator
 
 __all__ = ["AppOptions", "MoMEApp", "StudyResults", "run_app"]
@@ -64,7 +64,7 @@ class AppOptions:
     progress: Callable[[str], None] | None = None
     segmenter: Segmenter | None = None  # instead of the bundle's MoME (embedding, tests)
     profile: str | None = None  # inference profile; None: the bundle's default
-    mode: str = "auto"  # operators.study.MODES
+    mode: Mode = "auto"
     plus_segmenter: PlusSegmenter | None = None  # instead of the bundle's MoME+
     limits: InputLimits | None = None  # archive and series size limits; None: InputLimits.from_env() (MOME_MAX_*)
 
@@ -164,11 +164,14 @@ def run_app(
 
     Raises:
         UnusableOutputFolder: ``out`` cannot receive results.
-        FileNotFoundError: no such model, bundle without the model ``options.mode`` needs, or no such rules file.
+        FileNotFoundError: ``model`` exists but is no bundle (a path that does not exist, as the SDK's default
+            ``models``, means the installed bundle), or a bundle without the model ``options.mode`` needs.
         LimitSettingError: a ``MOME_MAX_*`` variable is not a positive number.
         UsageError: the SDK refused its command line (e.g. an unknown ``sdk_args`` flag, no input path).
         NothingToSegment: no series could be segmented (each reason in the message); nothing was written.
-        ValueError: an input that is neither folder nor zip, a zip over a limit, a malformed rules file.
+        RulesFileError: the rules file is missing or malformed (:mod:`operators.modality_router`).
+        ArchiveRejected: an input that is neither folder nor a safe, readable zip.
+        LimitExceeded: a zip or series over a limit.
         RuntimeError: the graph ended without a result (its error was logged).
     """
     phi.install()  # no patient name or ID in any log record or warning from here on (operators/phi.py)

@@ -107,12 +107,12 @@ def save_series(datasets: list[Dataset], folder: Path) -> Path:
 
 def make_demo_study(out: Path, seed: int = 7) -> dict[str, Any]:
     """Writes the demo study under ``out/dicom`` and its NIfTI truth under ``out/nifti``; returns a description."""
-    from scripts.synthetic import generate_dataset
+    from scripts.synthetic import PLUS_MODALITIES, generate_dataset
 
     # Each lesion type in the contrasts it is labelled in for MoME's training data: a glioma on T1/T1ce/T2/FLAIR and an
     # acute infarct on DWI (a second synthetic subject; each series is registered on its own).
     glioma = generate_dataset(
-        out / "nifti", 1, seed=seed, spacing=2.0, modalities=["t1", "t1ce", "t2", "flair"],
+        out / "nifti", 1, seed=seed, spacing=2.0, modalities=list(PLUS_MODALITIES),
         lesion_weights={"glioma": 1.0}, native=True, all_contrasts=True,
     )  # fmt: skip
     entries = json.loads(glioma.read_text())["training"]

@@ -2,12 +2,15 @@
 
 Every failure the API raises is one of these kinds; :mod:`app.cli.exit_codes` maps each kind to an exit code:
 
-* a usage error: :class:`UsageError`, a missing model or rules file (``FileNotFoundError``), an output folder that
-  cannot take results (:class:`operators.output_folder.UnusableOutputFolder`), a bad ``MOME_MAX_*`` setting
+* a usage error: :class:`UsageError`, a missing model (``FileNotFoundError``), a missing or malformed rules file
+  (:class:`operators.modality_router.RulesFileError`), an output folder that cannot take results
+  (:class:`operators.output_folder.UnusableOutputFolder`), a bad ``MOME_MAX_*`` setting
   (:class:`operators.limits.LimitSettingError`);
 * a rejected input: :class:`InputRejected`, :class:`operators.study.NothingToSegment`, an input over a limit
-  (:class:`operators.limits.LimitExceeded`), a volume or registration that fails its checks
-  (``scripts.registration.VolumeRejected``) — each a ``ValueError`` whose message names the file or series and why.
+  (:class:`operators.limits.LimitExceeded`), a folder or zip that cannot be read safely
+  (:class:`operators.study_loader.ArchiveRejected`), a series that cannot be made a volume
+  (:class:`operators.dicom_series.SeriesRejected`), a volume or registration that fails its checks
+  (``scripts.registration.VolumeRejected``). Their messages name the file or series and why.
 """
 
 from __future__ import annotations

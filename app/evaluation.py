@@ -42,9 +42,9 @@ from app.datasets import (
 from app.errors import InputRejected, UsageError
 from app.nifti_io import nifti_stem
 from operators.bundle import profile_names, use_bundle_scripts, voxel_ml
+from operators.study import DEVICES
 
 __all__ = [
-    "DEVICES",
     "Case",
     "build_results",
     "check_same_grid",
@@ -63,7 +63,6 @@ __all__ = [
     "select_cases",
 ]
 
-DEVICES = ("cpu", "cuda")
 BUNDLE_FILES = ("configs/inference.json", "scripts/__init__.py", "scripts/metrics.py")
 logger = logging.getLogger(__name__)
 

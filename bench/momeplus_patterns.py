@@ -41,8 +41,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
+sys.path.insert(0, str(BUNDLE))  # the bundle's scripts: networks, training, evaluation
+
+from scripts.networks import PLUS_MODALITIES as MODALITIES  # noqa: E402 - MoME+'s channel order
+
 RESULTS = REPO / "bench" / "results"
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 MODELS = ("mome_plus", "unet_zero_fill", "mome_best_single")
 REGIONS = {"whole_tumour": (1, 2, 3), "tumour_core": (1, 3), "enhancing": (3,)}
 DEFAULTS = {
@@ -326,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
     threads = 1 if args.parallel else None
     started = time.time()
     models = args.only or MODELS
-    sys.path.insert(0, str(BUNDLE))  # the bundle's scripts, for the expert files and the evaluation
     experts = demo_expert_checkpoints(workdir, args.demo_model.resolve()) if args.init_from_demo else None
     workers = [threading.Thread(target=train_model, args=(m, cfg, workdir, train, threads, experts)) for m in models]
     for worker in workers:

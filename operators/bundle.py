@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from operators.study import PlusSegmenter, Segmenter
+    from operators.study import Mode, PlusSegmenter, Segmenter
 
 __all__ = [
     "BUNDLE_ENV",
@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_bundle_dir() -> Path:
-    """``$MOME_BUNDLE`` if set, else the ``bundle/`` folder next to this package (source checkout, MAP image)."""
+    """``$MOME_BUNDLE`` if set, else the ``bundle/`` folder next to this package (a source checkout or an install).
+
+    The MAP names its bundle with ``HOLOSCAN_MODEL_PATH`` instead (see :func:`resolve_bundle`)."""
     configured = os.environ.get(BUNDLE_ENV)
     return Path(configured) if configured else Path(__file__).resolve().parents[1] / "bundle"
 
@@ -140,11 +142,11 @@ def installed_models(bundle_dir: Path) -> InstalledModels:
     )
 
 
-def choose_models(bundle_dir: Path, mode: str) -> InstalledModels:
+def choose_models(bundle_dir: Path, mode: Mode) -> InstalledModels:
     """Which of the bundle's models a run in ``mode`` (``auto``, ``single``, ``plus``) uses.
 
     ``single`` uses MoME only; ``plus`` and ``auto`` use MoME+ when installed, and MoME for the series MoME+ cannot
-    take (DWI) when installed. A bundle with no weights at all still chooses MoME, whose loader names what is missing.
+    take (DWI) when installed.
 
     Raises:
         FileNotFoundError: ``mode`` needs a model the bundle does not hold, or it holds none.
@@ -155,14 +157,17 @@ def choose_models(bundle_dir: Path, mode: str) -> InstalledModels:
             f"{bundle_dir}: --mode plus needs a MoME+ model (models/model_plus.pt); none installed."
         )
     if mode == "single" and not models.single:
-        raise FileNotFoundError(f"{bundle_dir}: --mode single needs a MoME model (models/model.pt); none installed.")
+        raise FileNotFoundError(
+            f"{bundle_dir}: no MoME model (models/model.pt); single-contrast segmentation (NIfTI input, --mode single) "
+            "needs one."
+        )
     if not (models.single or models.plus):
         raise FileNotFoundError(f"{bundle_dir}: the bundle has no weights (models/model.pt or models/model_plus.pt).")
     return InstalledModels(single=models.single, plus=models.plus and mode != "single")
 
 
 def load_segmenters(
-    bundle_dir: Path, mode: str = "auto", device: str | None = None, tta: bool = False, profile: str | None = None
+    bundle_dir: Path, mode: Mode = "auto", device: str | None = None, tta: bool = False, profile: str | None = None
 ) -> Models:
     """Loads the models :func:`choose_models` picks, with the bundle's own code (``scripts.pipeline``)."""
     chosen = choose_models(bundle_dir, mode)

@@ -1,6 +1,6 @@
 """What a supervised run tells its supervisor so that a stop (SIGTERM, SIGINT) leaves nothing partial behind.
 
-The console entry points run the work in a child process under ``app.supervisor``. On a stop the supervisor kills
+The console entry points run the work in a child process under :mod:`app.cli.supervisor`. On a stop the supervisor kills
 the child at once (long ITK or PyTorch calls never return to Python in time, and Holoscan's own handler forces exit 1
 after three seconds) and then removes what the child left: its private temporary folder (``TMPDIR``: extracted zips,
 scratch files) and the paths recorded here (staging folders, an output folder the run created and left empty).

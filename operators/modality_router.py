@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_RULES",
     "MODALITIES",
     "RoutingDecision",
+    "RulesFileError",
     "SeriesHeader",
     "choose",
     "classify",
@@ -48,9 +49,14 @@ CONDITIONS = {
     "ti_min",
     "ti_max",
 }
+
 _SEPARATORS = re.compile(r"[_\-.]+")
 # Private diffusion b-value tags: Siemens CSA-less (0019,100C), GE (0043,1039) first value, Philips (2001,1003).
 _PRIVATE_B_VALUES = ((0x0019, 0x100C), (0x0043, 0x1039), (0x2001, 0x1003))
+
+
+class RulesFileError(ValueError):
+    """A modality rules file that cannot be used (a usage error: the run reads nothing); names the file and rule."""
 
 
 def _number(value: Any) -> float | None:
@@ -176,28 +182,29 @@ def load_rules(path: str | Path | None = None) -> List[Dict[str, Any]]:
     """Reads and checks a rules file (default: the shipped ``modality_rules.json``); compiles its regexes.
 
     Raises:
-        ValueError: naming the file and the rule, for unknown actions or conditions and invalid regexes.
+        RulesFileError: naming the file and the rule, for an unreadable file, unknown actions or conditions and
+            invalid regexes.
     """
     path = Path(path) if path else DEFAULT_RULES
     try:
         rules = json.loads(path.read_text())["rules"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a modality rules file ({error}).") from error
+        raise RulesFileError(f"{path}: not a modality rules file ({error}).") from error
     checked = []
     for index, rule in enumerate(rules):
         name = rule.get("name", f"#{index}")
         if rule.get("action") not in ACTIONS:
-            raise ValueError(f"{path}: rule {name!r}: action must be one of {', '.join(ACTIONS)}.")
+            raise RulesFileError(f"{path}: rule {name!r}: action must be one of {', '.join(ACTIONS)}.")
         unknown = set(rule) - CONDITIONS - {"name", "action", "reason"}
         if unknown:
-            raise ValueError(f"{path}: rule {name!r}: unknown condition(s) {sorted(unknown)}.")
+            raise RulesFileError(f"{path}: rule {name!r}: unknown condition(s) {sorted(unknown)}.")
         compiled = dict(rule, name=name)
         try:
             texts = rule.get("text", [])
             compiled["text"] = [re.compile(t) for t in ([texts] if isinstance(texts, str) else texts)]
             compiled["text_not"] = re.compile(rule["text_not"]) if rule.get("text_not") else None
         except re.error as error:
-            raise ValueError(f"{path}: rule {name!r}: invalid regex ({error}).") from error
+            raise RulesFileError(f"{path}: rule {name!r}: invalid regex ({error}).") from error
         checked.append(compiled)
     return checked
 

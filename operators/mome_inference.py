@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from operators import bundle
 from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
 from operators.limits import InputLimits
-from operators.study import MODES, PlusSegmenter, Progress, Segmenter, SeriesTask, StudyWork
+from operators.study import MODES, Mode, PlusSegmenter, Progress, Segmenter, SeriesTask, StudyWork
 from operators.study_loader import read_pixels
 from operators.text import printable
 
@@ -35,7 +35,7 @@ def segment_study(
     segmenter: Segmenter | None,
     say: Progress | None = None,
     plus_segmenter: PlusSegmenter | None = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     limits: InputLimits | None = None,
 ) -> StudyWork:
     """Runs MoME on every chosen series (and MoME+ on a group of them, see the module docstring); a series that
@@ -122,7 +122,7 @@ def _segment_with_fallback(
     return None
 
 
-def _plus_group(tasks: Sequence[SeriesTask], plus_segmenter: PlusSegmenter | None, mode: str) -> dict[str, SeriesTask]:
+def _plus_group(tasks: Sequence[SeriesTask], plus_segmenter: PlusSegmenter | None, mode: Mode) -> dict[str, SeriesTask]:
     """The first chosen series of each MoME+ modality, when MoME+ runs for this study (marks them)."""
     if plus_segmenter is None or mode == "single":
         return {}

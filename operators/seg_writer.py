@@ -260,7 +260,8 @@ def _write_single_seg(task: SeriesTask, study_dir: Path, name: str, version: str
 
 def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) -> dict[str, Any]:
     """The MoME+ SEG (one segment per class) on the reference series, referencing every contributing series."""
-    result, labels = task.segmentation, task.segmentation.labels
+    result = task.plus_segmentation
+    labels = result.labels
     segments = segments_for(_channel_def_of(task))
     seg = build_seg(task.volume, labels, name, version, segments=segments)
     used = [source for source in task.plus_sources if source.modality not in result.excluded]
@@ -296,4 +297,4 @@ def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) 
 
 def _channel_def_of(task: SeriesTask) -> dict[str, str]:
     """The MoME+ model's classes (label value -> name) recorded on its segmentation."""
-    return dict(task.segmentation.channel_def or {"0": "background", "1": "lesion"})
+    return dict(task.plus_segmentation.channel_def or {"0": "background", "1": "lesion"})

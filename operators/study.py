@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast, get_args
 
 import numpy as np
 
@@ -24,7 +24,9 @@ from operators.modality_router import MODALITIES, SeriesHeader, choose, classify
 from operators.text import printable
 
 __all__ = [
+    "DEVICES",
     "MODES",
+    "Mode",
     "NothingToSegment",
     "PlusSegmentation",
     "PlusSegmenter",
@@ -40,7 +42,8 @@ Progress = Callable[[str], None]
 Mode = Literal["auto", "single", "plus"]
 # auto: a study's T1/T1ce/T2/FLAIR series go to MoME+ together when the bundle has it and the study has at least two
 # of them; plus: always MoME+ for those series; single: one MoME run per series.
-MODES: tuple[str, ...] = ("auto", "single", "plus")
+MODES: tuple[str, ...] = get_args(Mode)
+DEVICES = ("cpu", "cuda")  # where the models run (default: cuda when available)
 logger = logging.getLogger(__name__)
 
 
@@ -59,6 +62,9 @@ class Segmentation(Protocol):
 
     labels: np.ndarray
     registration: Recordable
+    mome_image: np.ndarray  # the registered, brain-masked image on the MoME grid
+    mome_labels: np.ndarray  # its labels on the MoME grid
+    mome_affine: np.ndarray
     seconds: dict[str, float]
     inference: dict[str, Any]
 
@@ -74,7 +80,11 @@ class PlusSegmentation(Segmentation, Protocol):
 
 
 class Segmenter(Protocol):
-    """Single-contrast MoME: a native-space volume -> its label map (``scripts.pipeline.MoMESegmenter``)."""
+    """Single-contrast MoME: a native-space volume -> its label map (``scripts.pipeline.MoMESegmenter``).
+
+    ``segment`` raises the bundle's ``VolumeRejected`` for a volume that fails its checks (that series is skipped and
+    the next one of its modality tried) and ``ValueError`` for input it cannot handle at all (the run is rejected).
+    """
 
     def segment(
         self, array: np.ndarray, affine: np.ndarray, name: str, modality: str | None, progress: Progress | None
@@ -118,6 +128,17 @@ class SeriesTask:
     def name(self) -> str:
         """How messages name the series (by UID: never by patient data)."""
         return f"series {self.header.series_uid}"
+
+    @property
+    def plus_segmentation(self) -> PlusSegmentation:
+        """The MoME+ result of a group's reference series.
+
+        Raises:
+            ValueError: the series was not segmented by MoME+.
+        """
+        if not self.mome_plus or self.segmentation is None:
+            raise ValueError(f"{self.name}: not segmented by MoME+.")
+        return cast(PlusSegmentation, self.segmentation)
 
 
 @dataclass

@@ -30,13 +30,18 @@ from operators.dicom_series import SeriesRejected
 from operators.limits import InputLimits, check_series
 from operators.phi import register_dataset
 
-__all__ = ["DicomInput", "copy_at_most", "dicom_root", "read_pixels", "scan_studies"]
+__all__ = ["ArchiveRejected", "DicomInput", "copy_at_most", "dicom_root", "read_pixels", "scan_studies"]
+
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 CHUNK_BYTES = 1 << 20
 # what a damaged or unsupported archive raises while it is read (a full disk is not the input's fault: re-raised)
 ARCHIVE_FAULTS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, OSError)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class ArchiveRejected(ValueError):
+    """The input is neither a folder nor a readable, safe zip of DICOM files; the message names it and why."""
 
 
 @dataclass
@@ -58,13 +63,14 @@ def dicom_root(path: Path, limits: InputLimits | None = None) -> Iterator[Path]:
 
     Raises:
         LimitExceeded: the zip has too many members, too large a total size or too high a compression ratio.
-        ValueError: not a folder or zip; a member outside the folder, a symbolic link or encrypted; a damaged zip.
+        ArchiveRejected: not a folder or zip; a member outside the folder, a symbolic link or encrypted; a damaged
+            zip.
     """
     if path.is_dir():
         yield path
         return
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a folder or a zip archive of DICOM files.")
+        raise ArchiveRejected(f"{path}: not a folder or a zip archive of DICOM files.")
     limits = limits or InputLimits.from_env()
     with tempfile.TemporaryDirectory(prefix="mome-dicom-") as folder:
         root = Path(folder).resolve()
@@ -74,7 +80,7 @@ def dicom_root(path: Path, limits: InputLimits | None = None) -> Iterator[Path]:
         except ARCHIVE_FAULTS as error:
             if getattr(error, "errno", None) in DISK_FULL:
                 raise
-            raise ValueError(f"{path}: damaged or unsupported zip ({type(error).__name__}: {error}).") from error
+            raise ArchiveRejected(f"{path}: damaged or unsupported zip ({type(error).__name__}: {error}).") from error
         yield root
 
 
@@ -97,12 +103,12 @@ def _extract(archive: zipfile.ZipFile, path: Path, root: Path, limits: InputLimi
 def _member_target(root: Path, member: zipfile.ZipInfo, name: str) -> Path:
     """Where a member is extracted; refuses a path outside ``root``, a symbolic link and an encrypted member."""
     if stat.S_ISLNK(member.external_attr >> 16):
-        raise ValueError(f"{name}: symbolic link in the archive ({member.filename!r}).")
+        raise ArchiveRejected(f"{name}: symbolic link in the archive ({member.filename!r}).")
     if member.flag_bits & 0x1:
-        raise ValueError(f"{name}: encrypted member in the archive ({member.filename!r}).")
+        raise ArchiveRejected(f"{name}: encrypted member in the archive ({member.filename!r}).")
     target = (root / member.filename).resolve()
     if root not in target.parents and target != root:
-        raise ValueError(f"{name}: unsafe path in the archive ({member.filename!r}).")
+        raise ArchiveRejected(f"{name}: unsafe path in the archive ({member.filename!r}).")
     return target
 
 
@@ -110,13 +116,13 @@ def copy_at_most(source: BinaryIO, sink: BinaryIO, size: int, name: str) -> int:
     """Copies ``source`` into ``sink`` in chunks and returns the byte count; never writes more than ``size`` bytes.
 
     Raises:
-        ValueError: ``source`` holds more than ``size`` bytes (an archive member larger than its declared size).
+        ArchiveRejected: ``source`` holds more than ``size`` bytes (an archive member larger than its declared size).
     """
     copied = 0
     while chunk := source.read(min(CHUNK_BYTES, size - copied + 1)):
         copied += len(chunk)
         if copied > size:
-            raise ValueError(f"{name}: larger than its declared size of {size} bytes (damaged or crafted archive).")
+            raise ArchiveRejected(f"{name}: larger than its declared size of {size} bytes (damaged or crafted).")
         sink.write(chunk)
     return copied
 

@@ -32,9 +32,7 @@ def _tuple_literals(path: Path, values: tuple[str, ...]) -> list[int]:
 
 def test_the_modality_tuple_is_written_once_in_the_operators_and_once_in_the_bundle():
     assert MODALITIES == EXPERT_ORDER  # the router's vocabulary is the experts' order
-    places = {
-        str(path.relative_to(REPO)): lines for path in SOURCES if (lines := _tuple_literals(path, MODALITIES))
-    }
+    places = {str(path.relative_to(REPO)): lines for path in SOURCES if (lines := _tuple_literals(path, MODALITIES))}
     assert sorted(places) == ["bundle/scripts/networks.py", "operators/modality_router.py"], places
     assert all(len(lines) == 1 for lines in places.values()), places
 
@@ -80,3 +78,12 @@ def test_the_version_is_read_from_one_place():
         settings = [line for line in other.read_text().splitlines() if not line.lstrip().startswith("#")]
         places += [str(other.relative_to(REPO))] if any(literal.search(line.split("#")[0]) for line in settings) else []
     assert places == ["app/__init__.py"], places
+
+
+def test_the_bundle_numbers_its_exit_codes_as_the_commands_do():
+    from app.cli.exit_status import ExitCode
+    from scripts import convert_upstream
+
+    names = [name for name in dir(convert_upstream) if name.startswith("EXIT_")]
+    bundle_codes = {name.removeprefix("EXIT_"): getattr(convert_upstream, name) for name in names}
+    assert bundle_codes == {code.name: code.value for code in ExitCode if code.value < 128}

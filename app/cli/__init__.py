@@ -1,16 +1,16 @@
-"""The commands: one module per command, shared option groups (:mod:`app.cli.options`) and exit codes
-(:mod:`app.cli.exit_codes`, the only place that maps errors to them).
+"""The commands: one module per command, shared option groups (:mod:`app.cli.options`), the exit codes
+(:mod:`app.cli.exit_status`) and the one map from errors to them (:mod:`app.cli.exit_codes`).
 
-==========================  ==================================  ===================================================
-command                     module                              what it does
-==========================  ==================================  ===================================================
-``mome-seg``                :mod:`app.cli.seg`                  NIfTI volume or DICOM study -> segmentation
-``python -m app``, the MAP  :mod:`app.cli.application`          the Deploy application (SDK flags, HOLOSCAN_*)
-``mome-eval``               :mod:`app.cli.eval`                 a bundle's Dice, volume error, lesion F1 on a dataset
-``mome-convert``            :mod:`app.cli.convert`              the authors' checkpoints -> a runnable bundle
-``make demo``               :mod:`app.cli.demo`                 the application on the embedded demo study
-``python -m app.map_package``  :mod:`app.cli.map_package`       MAP build context
-==========================  ==================================  ===================================================
+=============================  ============================  ===================================================
+command                        module                        what it does
+=============================  ============================  ===================================================
+``mome-seg``                   :mod:`app.cli.seg`            NIfTI volume or DICOM study -> segmentation
+``python -m app``, the MAP     :mod:`app.cli.application`    the Deploy application (SDK flags, HOLOSCAN_*)
+``mome-eval``                  :mod:`app.cli.eval`           a bundle's Dice, volume error, lesion F1 on a dataset
+``mome-convert``               :mod:`app.cli.convert`        the authors' checkpoints -> a runnable bundle
+``make demo``                  :mod:`app.cli.demo`           the application on the embedded demo study
+``python -m app.map_package``  :mod:`app.map_package`        MAP build context
+=============================  ============================  ===================================================
 
 The console-script functions below import nothing heavy: ``mome-seg`` first becomes a small supervisor
 (:mod:`app.cli.supervisor`) that runs the work in a child process.

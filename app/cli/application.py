@@ -20,13 +20,21 @@ from pathlib import Path
 from app.app import AppOptions
 from app.app import run_app as run_graph
 from app.cli.exit_codes import ExitCode, fail, parse_or_exit_code
-from app.cli.options import add_dicom_options, add_inference_options, app_options, bundle_from_argv
+from app.cli.options import (
+    add_dicom_options,
+    add_inference_options,
+    add_progress_option,
+    app_options,
+    bundle_from_argv,
+)
 
 __all__ = ["build_parser", "main", "run_app"]
 
-MODEL_ENV = "HOLOSCAN_MODEL_PATH"
-# The graph also rejects with plain ValueErrors: a malformed rules file, an input that is neither folder nor zip.
+# A segmenter reports input it cannot handle with a ValueError (operators.study.Segmenter): raised in the graph, it
+# rejects the input (exit 3). Usage errors that are ValueErrors (RulesFileError, LimitSettingError) are mapped first.
 GRAPH_REJECTIONS = (ValueError,)
+
+MODEL_ENV = "HOLOSCAN_MODEL_PATH"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-m", "--model", type=Path, help="MoME bundle folder (default: $HOLOSCAN_MODEL_PATH, bundled)")
     add_dicom_options(parser)
     add_inference_options(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_progress_option(parser)
     return parser
 
 

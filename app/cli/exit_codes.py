@@ -1,58 +1,54 @@
-"""Exit codes of every command (``mome-seg``, ``mome-eval``, ``mome-convert``, ``python -m app``, the MAP), defined
-once, and the mapping from the API's errors (:mod:`app.errors`) to them.
+"""Which error of the API, the operators or the bundle means which exit code (:mod:`app.cli.exit_status`), and how a
+command reports it.
 
-===  ==========================================================================================================
-0    done
-1    internal error (a traceback was logged)
-2    usage error: bad option, missing model or rules file, unusable output folder, bad ``MOME_MAX_*`` setting
-3    input rejected: the reason is printed and nothing is written
-130  stopped by SIGINT, 143 stopped by SIGTERM (:mod:`app.cli.supervisor`; nothing partial is left behind)
-===  ==========================================================================================================
+* usage error (2): :data:`USAGE_ERRORS`;
+* input rejected (3): :func:`rejections`;
+* anything else is an internal error (1), reported with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
-from enum import IntEnum
 
+from app.cli.exit_status import ExitCode
 from app.errors import InputRejected, UsageError
 from operators import bundle, phi
 from operators.dicom_series import SeriesRejected
 from operators.limits import LimitExceeded, LimitSettingError
+from operators.modality_router import RulesFileError
 from operators.output_folder import UnusableOutputFolder
 from operators.study import NothingToSegment
+from operators.study_loader import ArchiveRejected
 
 __all__ = ["ExitCode", "exit_code_for", "fail", "parse_or_exit_code", "rejections"]
 
 logger = logging.getLogger(__name__)
 
-
-class ExitCode(IntEnum):
-    """What a command's exit status means."""
-
-    OK = 0
-    INTERNAL = 1
-    USAGE = 2
-    REJECTED = 3
-    SIGINT = 128 + signal.SIGINT
-    SIGTERM = 128 + signal.SIGTERM
-
-
-USAGE_ERRORS: tuple[type[Exception], ...] = (UsageError, FileNotFoundError, UnusableOutputFolder, LimitSettingError)
+USAGE_ERRORS: tuple[type[Exception], ...] = (
+    UsageError,
+    FileNotFoundError,
+    UnusableOutputFolder,
+    LimitSettingError,
+    RulesFileError,
+)
 
 
 def rejections() -> tuple[type[Exception], ...]:
     """The errors that mean "input rejected": the API's, the operators' and the bundle's volume checks."""
-    return (InputRejected, NothingToSegment, LimitExceeded, SeriesRejected, *bundle.rejections())
+    try:
+        volume_checks = bundle.rejections()
+    except FileNotFoundError:  # no bundle to import: none of its errors can have been raised
+        volume_checks = ()
+    return (InputRejected, NothingToSegment, LimitExceeded, SeriesRejected, ArchiveRejected, *volume_checks)
 
 
 def exit_code_for(error: BaseException, rejected: tuple[type[BaseException], ...] = ()) -> ExitCode:
     """The exit code of a failure raised by the API: usage error, rejected input (:func:`rejections` and
-    ``rejected``), else internal error. Usage errors are checked first (``LimitSettingError`` is a ``ValueError``)."""
+    ``rejected``), else internal error. Usage errors are checked first: ``RulesFileError`` and ``LimitSettingError``
+    are ``ValueError`` s."""
     if isinstance(error, USAGE_ERRORS):
         return ExitCode.USAGE
     if isinstance(error, (*rejections(), *rejected)):

@@ -16,11 +16,12 @@ from app.app import AppOptions
 from operators import phi
 from operators.bundle import profile_names, resolve_bundle, use_bundle_scripts
 from operators.modality_router import MODALITIES
-from operators.study import MODES
+from operators.study import DEVICES, MODES
 
 __all__ = [
     "add_dicom_options",
     "add_inference_options",
+    "add_progress_option",
     "app_options",
     "bundle_from_argv",
     "progress_printer",
@@ -36,20 +37,13 @@ PROFILE_HELP = (
 )
 
 
-def __getattr__(name: str) -> tuple[str, ...]:
-    """``PROFILE_NAMES``: the profiles of the bundle whose scripts are imported (see the module docstring)."""
-    if name == "PROFILE_NAMES":
-        return profile_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def bundle_from_argv(
     argv: Sequence[str], flags: Sequence[str] = ("--model",), default: str | None = None
 ) -> Path | None:
     """Puts the scripts of the bundle named by ``flags`` in ``argv`` (else ``default``, else the installed bundle) on
     the path, so that the parser offers that bundle's profiles; returns the bundle folder, or None when the flag names
     no bundle (the command then reports it)."""
-    finder = argparse.ArgumentParser(add_help=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # ``--mode`` is not ``--model``
     finder.add_argument(*flags, dest="model", type=Path)
     known, _ = finder.parse_known_args(list(argv))
     model = known.model or (Path(default) if default else None)
@@ -61,8 +55,12 @@ def bundle_from_argv(
 
 def add_inference_options(parser: argparse.ArgumentParser, tta: bool = True) -> None:
     """``--device``, ``--profile`` (and ``--tta``): how the model runs."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="inference device (default: cuda if available)")
-    parser.add_argument("--profile", choices=profile_names(), help=PROFILE_HELP)
+    parser.add_argument("--device", choices=DEVICES, help="inference device (default: cuda if available)")
+    try:
+        profiles: tuple[str, ...] | None = profile_names()
+    except FileNotFoundError:  # no bundle: the command reports it after parsing (exit 2)
+        profiles = None
+    parser.add_argument("--profile", choices=profiles, help=PROFILE_HELP)
     if tta:
         parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8 passes; slower)")
 
@@ -73,6 +71,11 @@ def add_dicom_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--all-series", action="store_true", help="every qualifying series, not one per modality")
     parser.add_argument("--rules", type=Path, help="modality router rules JSON (default: the shipped rules)")
     parser.add_argument("--mode", choices=MODES, default="auto", help=MODE_HELP)
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress lines (:func:`progress_printer`)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def progress_printer(quiet: bool):

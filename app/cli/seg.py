@@ -38,7 +38,14 @@ from pathlib import Path
 from app.api import segment_nifti
 from app.cli.application import run_app
 from app.cli.exit_codes import ExitCode, fail, parse_or_exit_code
-from app.cli.options import add_dicom_options, add_inference_options, app_options, bundle_from_argv, progress_printer
+from app.cli.options import (
+    add_dicom_options,
+    add_inference_options,
+    add_progress_option,
+    app_options,
+    bundle_from_argv,
+    progress_printer,
+)
 from app.nifti_io import is_dicom_input
 from operators import phi
 from operators.modality_router import MODALITIES
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, help="bundle folder (default: the installed bundle, $MOME_BUNDLE)")
     add_inference_options(parser)
     parser.add_argument("--save-mni", action="store_true", help="also write the image and mask in MoME space")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_progress_option(parser)
     add_dicom_options(parser.add_argument_group("DICOM input"))
     return parser
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from app.cli.exit_codes import ExitCode
+from app.cli.exit_status import ExitCode
 from operators.clean_stop import CREATED, RUN_DIR_ENV, STAGING, lock_file, recorded_paths
 
 __all__ = ["STOP_EXIT_CODES", "STOP_SIGNALS", "is_supervised", "supervise"]

@@ -15,7 +15,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 W=${1:-${WORK:-$REPO/.bench/demo_weights}}
 mkdir -p "$W" && W=$(cd "$W" && pwd)
-PY=${PY:-$REPO/.venv/bin/python}
+PY=$(realpath -s "${PY:-$REPO/.venv/bin/python}")  # absolute (the recipe changes folder), not resolved out of the venv
 EVAL=${EVAL:-$(dirname "$PY")/mome-eval}
 cd "$REPO/bundle"
 export PYTHONPATH=$PWD

@@ -4,8 +4,8 @@
 * :func:`load_extending` loads a MoME saved without the modality classifier into one that has it.
 * :func:`routing_groups` gives the classifier's routing layers their own learning-rate scale.
 * :func:`extract_experts` / :func:`replace_experts` move experts between a MoME ``state_dict`` and single-expert
-  files, so experts can be fine-tuned alone with ``train_expert.json`` and put back (the fourth CPU run's stages 1
-  and 2). Expert ``k`` is the ``k``-th modality of :data:`scripts.networks.MODALITIES`.
+  files, so experts can be fine-tuned alone with ``train_expert.json`` and put back. Expert ``k`` is the ``k``-th
+  modality of :data:`scripts.networks.MODALITIES`.
 
 Every file is read with ``torch.load(weights_only=True)`` and written atomically (a ``.partial`` file, then a rename).
 Command line (from the bundle folder)::

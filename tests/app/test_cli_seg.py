@@ -81,6 +81,34 @@ def test_usage_errors_exit_2(tmp_path, tiny_bundle):
     assert seg_main([str(not_nifti), "-o", str(tmp_path / "o"), "--model", str(tiny_bundle)]) == 3
 
 
+def test_the_bundle_is_found_from_its_own_flag_only(tiny_bundle):
+    """``--mode plus`` after ``--model`` must not be read as an abbreviated ``--model``."""
+    from app.cli.options import bundle_from_argv
+
+    resolved = tiny_bundle.resolve()
+    assert bundle_from_argv(["in", "--model", str(tiny_bundle), "--mode", "plus"]) == resolved
+    assert bundle_from_argv(["-i", "in", "-m", str(tiny_bundle), "--mode", "single"], ("-m", "--model")) == resolved
+
+
+def test_without_any_bundle_the_commands_exit_2_naming_it(tmp_path):
+    """No installed bundle ($MOME_BUNDLE names a missing folder): a usage error, not a traceback while parsing."""
+    import os
+    import subprocess
+
+    missing = tmp_path / "no_bundle"
+    env = {**os.environ, "MOME_BUNDLE": str(missing), "PYTHONPATH": str(REPO)}
+    for command in ("seg_main", "eval_main"):
+        code = f"import sys; from app.cli import {command}; sys.exit({command}(sys.argv[1:]))"
+        args = [str(REAL_HEAD), "-o", str(tmp_path / "out")]
+        if command == "eval_main":
+            args = ["--data", str(tmp_path), "--model", str(missing)]
+        command_line = [sys.executable, "-c", code, *args]
+        result = subprocess.run(command_line, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_modality_from_file_name():
     assert guess_modality(Path("sub-01_FLAIR.nii.gz")) == "flair"
     assert guess_modality(Path("case_t1ce_0000.nii.gz")) == "t1ce"
@@ -147,12 +175,12 @@ def test_bundle_native_config_runs_native_nifti(tmp_path, tiny_bundle):
 
 def test_profile_option_reaches_the_inferer_and_the_report(tiny_bundle, tmp_path):
     from app.cli.application import build_parser as app_parser
-    from app.cli.options import PROFILE_NAMES
     from app.cli.seg import build_parser
+    from operators.bundle import profile_names
     from scripts.pipeline import MoMESegmenter
     from scripts.profiles import PROFILES
 
-    assert sorted(PROFILE_NAMES) == sorted(PROFILES)
+    assert sorted(profile_names()) == sorted(PROFILES)
     assert MoMESegmenter(tiny_bundle).inferer.describe()["profile"] == "fast"  # the bundle's default
     parity = MoMESegmenter(tiny_bundle, profile="parity")
     assert parity.inferer.describe()["profile"] == "parity"

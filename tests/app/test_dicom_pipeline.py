@@ -148,6 +148,25 @@ def test_python_m_app_exit_codes(tmp_path, tiny_bundle, study, capsys):
     (not_a_bundle / "a").mkdir(parents=True)
     assert main(["-i", str(folder), "-o", str(tmp_path / "o2"), "-m", str(not_a_bundle), "--quiet"]) == 2
     assert main(["--no-such-flag"]) == 2
+    # a malformed rules file is a usage error (2); an input that is neither folder nor zip is rejected (3)
+    rules = tmp_path / "rules.json"
+    rules.write_text('{"rules": [{"name": "x", "action": "ct"}]}')
+    assert main(["-i", str(folder), "-o", str(tmp_path / "o3"), "-m", str(tiny_bundle), "--rules", str(rules)]) == 2
+    assert "rules.json: rule 'x': action must be one of" in capsys.readouterr().err
+    not_an_archive = tmp_path / "study.txt"
+    not_an_archive.write_text("not DICOM")
+    assert main(["-i", str(not_an_archive), "-o", str(tmp_path / "o4"), "-m", str(tiny_bundle), "--quiet"]) == 3
+    assert "not a folder or a zip archive" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+
+
+def test_the_api_refuses_a_model_path_that_does_not_exist(tmp_path, study):
+    """Only the SDK's own default ``models`` may be missing (it means the installed bundle); a caller's typo may not."""
+    from app.api import segment_study
+
+    with pytest.raises(FileNotFoundError, match="no_such_bundle: no such model folder"):
+        segment_study(study[0], tmp_path / "out", model=tmp_path / "no_such_bundle")
+    assert not (tmp_path / "out").exists()
 
 
 def test_several_studies_in_one_input_get_one_output_folder_each(tmp_path, tiny_bundle, study):
