@@ -1,8 +1,12 @@
-# Two set-up commands: `make demo` and `make test`. Both create/refresh .venv/ idempotently.
+# Two set-up commands: `make demo` and `make test`. They create/refresh .venv/ (and, for the tests, .venv-label/) idempotently.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mome-installed
+# MONAI Label's own venv (see `label` below)
+LABEL_VENV := .venv-label
+LABEL_PY := $(LABEL_VENV)/bin/python
+LABEL_STAMP := $(LABEL_VENV)/.mome-installed
 TORCH_SPEC ?= torch==2.13.0
 # Holoscan wants a 32 MB stack; quiet GXF logs.
 RUN_ENV := ulimit -s 32768 2>/dev/null; HOLOSCAN_LOG_LEVEL=ERROR
@@ -18,11 +22,32 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(LABEL_STAMP)
 	$(RUN_ENV) $(PY) -m pytest
 
 demo: $(STAMP)
 	$(RUN_ENV) $(PY) -m app.cli.demo --workdir .demo
+
+# MONAI Label (label/): its own venv, as MONAI Label 0.8.5 needs pydicom 2 and the application pydicom 3. sam2 (a
+# MONAI Label dependency that MoME does not use) is built against the installed CPU torch, without CUDA.
+# `make label-serve STUDIES=DIR [PORT=8000]` serves the MoME tasks to 3D Slicer / OHIF on 127.0.0.1.
+PORT ?= 8000
+.PHONY: label label-serve
+
+label: $(LABEL_STAMP)
+
+$(LABEL_STAMP): label/requirements.txt
+	@test -x $(LABEL_PY) || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(LABEL_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	SAM2_BUILD_CUDA=0 $(LABEL_PY) -m pip install --quiet --no-build-isolation -c label/requirements.txt "sam2>=0.4.1"
+	$(LABEL_PY) -m pip install --quiet -r label/requirements.txt
+	@touch $(LABEL_STAMP)
+
+label-serve: $(LABEL_STAMP)
+	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR [PORT=8000]" >&2; exit 2; }
+	MONAI_LABEL_SESSIONS=false $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \
+		--host 127.0.0.1 --port $(PORT) --conf bundle "$(CURDIR)/bundle"
 
 # Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
 # bench-cpu: the whole DICOM -> SEG pipeline per inference profile and stage, demo and release-size models (~1.5 h

@@ -86,6 +86,8 @@ class Segmenter(Protocol):
     the next one of its modality tried) and ``ValueError`` for input it cannot handle at all (the run is rejected).
     """
 
+    channel_def: dict[str, str]  # label value -> class name (the bundle's output channel_def)
+
     def segment(
         self, array: np.ndarray, affine: np.ndarray, name: str, modality: str | None, progress: Progress | None
     ) -> Segmentation: ...

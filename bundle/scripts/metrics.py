@@ -58,7 +58,7 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """Labels the 26-connected (fully connected) components of a 2-D or 3-D binary mask with ITK.
 
     Returns:
-        The label array (0 background, 1..n components, same shape as ``mask``) and the number of components.
+        The uint32 label array (0 background, 1..n components, same shape as ``mask``) and the number of components.
     """
     import itk
 
@@ -71,7 +71,8 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     output_type = itk.Image[itk.UL, binary.ndim]
     labeller = itk.ConnectedComponentImageFilter[type(image), output_type].New(image, FullyConnected=True)
     labeller.Update()
-    labels = np.asarray(itk.GetArrayFromImage(labeller.GetOutput()))
+    # ITK's unsigned long labels are uint64, which numpy < 2 cannot bincount (no safe cast to intp)
+    labels = np.asarray(itk.GetArrayFromImage(labeller.GetOutput()), dtype=np.uint32)
     return labels, int(labeller.GetObjectCount())
 
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from servers import free_port, running_server
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -26,16 +23,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = _free_port(), _free_port()
+    http_port, dicom_port = free_port(), free_port()
     config = {
         "Name": "mome-test",
         "StorageDirectory": str(root / "storage"),
@@ -50,25 +41,9 @@ def orthanc(tmp_path_factory):
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (root / "config.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    process = subprocess.Popen([ORTHANC, str(root / "config.json")], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{url}/system", timeout=1).read()
-                break
-            except OSError:
-                if process.poll() is not None:
-                    pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()[-2000:]}")
-                time.sleep(0.2)
-        else:
-            pytest.fail("Orthanc did not start within 20 s")
+    with running_server([ORTHANC, str(root / "config.json")], f"{url}/system", root / "orthanc.log", timeout_s=20):
         yield {"url": url, "dicom_port": dicom_port}
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def _c_store(port: int, paths: list[Path]) -> list[int]:

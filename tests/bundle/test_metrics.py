@@ -41,7 +41,7 @@ def test_diagonal_touching_voxels_are_one_lesion():
     mask[1, 6, 8] = 1  # isolated: a third
     labels, count = connected_components(mask)
     assert count == 3
-    assert labels.shape == mask.shape
+    assert labels.shape == mask.shape and labels.dtype == np.uint32  # numpy < 2 (MONAI Label's) cannot bincount uint64
     assert labels[1, 1, 1] == labels[2, 2, 2] == labels[3, 3, 3] != 0
     assert labels[6, 1, 1] == labels[7, 2, 1] not in (0, labels[1, 1, 1])
     assert len(np.unique(labels[mask != 0])) == 3

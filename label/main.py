@@ -1,0 +1,70 @@
+"""The MoME MONAI Label app: ``monailabel start_server --app label --studies DIR`` (``make label-serve``).
+
+Configuration (``--conf KEY VALUE``):
+
+* ``bundle``: the MoME bundle folder (default: ``$MOME_BUNDLE``, else the repository's ``bundle/``);
+* ``device``: ``cpu`` or ``cuda`` (default: CUDA when available);
+* ``profile``: the bundle's inference profile (default: the bundle's).
+
+Infer tasks: ``mome`` (:mod:`label.infer`). Images come from the studies folder (NIfTI) and labels saved from the
+clients are kept in its ``labels/`` folder, as MONAI Label's local datastore does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # MONAI Label loads this file by path: make the repository's packages importable
+    sys.path.insert(0, str(REPO))
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+
+from app import __version__  # noqa: E402
+from label.infer import MoMEInfer  # noqa: E402
+from operators.bundle import default_bundle_dir, load_segmenters, resolve_bundle  # noqa: E402
+from operators.study import Segmenter  # noqa: E402
+
+logger = logging.getLogger(__name__)
+NOT_FOUND = 404
+
+
+class MoMELabelApp(MONAILabelApp):
+    """MoME for MONAI Label clients (3D Slicer, OHIF)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.bundle = resolve_bundle(Path(conf["bundle"]) if conf.get("bundle") else default_bundle_dir())
+        self.device = conf.get("device") or None
+        self.profile = conf.get("profile") or None
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MoME",
+            description="MoME (Mixture of Modality Experts) brain-lesion segmentation of multi-modal brain MRI",
+            version=__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        logger.info("MoME bundle: %s", self.bundle)
+        return {"mome": MoMEInfer(self._mome)}
+
+    def _mome(self, tta: bool) -> Segmenter:
+        segmenter = load_segmenters(self.bundle, "single", self.device, tta, self.profile).single
+        if segmenter is None:  # load_segmenters raises first: "single" mode always loads MoME
+            raise FileNotFoundError(f"{self.bundle}: no MoME model.")
+        return segmenter
+
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        """As MONAI Label's, but an image id the datastore does not hold is answered 404 (MONAI Label: 500)."""
+        image = request.get("image")
+        store = datastore or self.datastore()
+        if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
+            raise HTTPException(NOT_FOUND, f"image {image!r}: not in the datastore.")
+        return super().infer(request, datastore)
