@@ -32,7 +32,7 @@ demo: $(STAMP)
 # MONAI Label dependency that MoME does not use) is built against the installed CPU torch, without CUDA.
 # `make label-serve STUDIES=DIR [PORT=8000]` serves the MoME tasks to 3D Slicer / OHIF on 127.0.0.1.
 PORT ?= 8000
-.PHONY: label label-serve
+.PHONY: label label-serve bench-label
 
 label: $(LABEL_STAMP)
 
@@ -43,6 +43,10 @@ $(LABEL_STAMP): label/requirements.txt
 	SAM2_BUILD_CUDA=0 $(LABEL_PY) -m pip install --quiet --no-build-isolation -c label/requirements.txt "sam2>=0.4.1"
 	$(LABEL_PY) -m pip install --quiet -r label/requirements.txt
 	@touch $(LABEL_STAMP)
+
+# bench-label: the MONAI Label tasks over HTTP, median of 3 per task (~3 min); bench/results/label_latency.md.
+bench-label: $(STAMP) $(LABEL_STAMP)
+	$(RUN_ENV) $(PY) bench/label_latency.py --repeats $(BENCH_REPEATS)
 
 label-serve: $(LABEL_STAMP)
 	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR [PORT=8000]" >&2; exit 2; }

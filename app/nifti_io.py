@@ -19,7 +19,15 @@ from operators import phi
 from operators.limits import InputLimits, LimitExceeded, check_volume
 from operators.modality_router import MODALITIES
 
-__all__ = ["NIFTI_SUFFIXES", "guess_modality", "is_dicom_input", "load_volume", "nifti_stem", "save_nifti"]
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "guess_modality",
+    "is_dicom_input",
+    "load_channels",
+    "load_volume",
+    "nifti_stem",
+    "save_nifti",
+]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MODALITY_SUFFIX = re.compile(rf"[_-]({'|'.join(MODALITIES)})(?:_0000)?$", re.IGNORECASE)
@@ -62,6 +70,38 @@ def load_volume(path: Path, limits: InputLimits | None = None) -> tuple[np.ndarr
     Raises:
         InputRejected: the file is missing, not NIfTI, unreadable, over a limit or not one 3-D volume.
     """
+    array, affine, header = _read_nifti(path, limits)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputRejected(f"{path}: expected one 3-D volume, got shape {array.shape}.")
+    return array, affine, header
+
+
+def load_channels(
+    path: Path, max_channels: int, limits: InputLimits | None = None
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Reads a multi-channel NIfTI (X, Y, Z, C) — co-registered contrasts on one grid — as float32 with its affine.
+
+    Each channel is shifted to start at 0 on its own (as :func:`load_volume` does for a volume); a 3-D file is one
+    channel. The declared shape is checked before any data are read: each channel against ``limits``, the channel
+    count against ``max_channels``.
+
+    Raises:
+        InputRejected: the file is missing, not NIfTI, unreadable, over a limit or not (X, Y, Z, C).
+    """
+    array, affine, header = _read_nifti(path, limits, max_channels)
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise InputRejected(f"{path}: expected a 3-D volume with channels (X, Y, Z, C), got shape {array.shape}.")
+    return array, affine, header
+
+
+def _read_nifti(
+    path: Path, limits: InputLimits | None, max_channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """The checked, zero-based float32 data of a NIfTI file; with ``max_channels``, of each of its channels."""
     if not path.is_file():
         raise InputRejected(f"{path}: file not found.")
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -71,19 +111,20 @@ def load_volume(path: Path, limits: InputLimits | None = None) -> tuple[np.ndarr
     except Exception as error:  # nibabel raises several types for corrupt files
         raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
     phi.register_nifti_header(image.header)  # its free text (descrip...) may hold a name: never echoed
+    per_channel = max_channels is not None
     try:
-        check_volume(image.shape, str(path), limits or InputLimits.from_env())
+        check_volume(image.shape[:3] if per_channel else image.shape, str(path), limits or InputLimits.from_env())
     except LimitExceeded as error:
         raise InputRejected(str(error)) from error
+    if per_channel and len(image.shape) == 4 and image.shape[3] > max_channels:
+        raise InputRejected(f"{path}: {image.shape[3]} channels, more than the {max_channels} expected.")
     try:
-        array = _zero_based(np.asarray(image.dataobj, dtype=np.float64))
+        data = np.asarray(image.dataobj, dtype=np.float64)
     except Exception as error:  # nibabel raises several types for corrupt files
         raise InputRejected(f"{path}: cannot be read as NIfTI ({error}).") from error
-    if array.ndim == 4 and array.shape[3] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise InputRejected(f"{path}: expected one 3-D volume, got shape {array.shape}.")
-    return array, image.affine, image.header
+    if per_channel and data.ndim == 4:
+        return np.stack([_zero_based(data[..., c]) for c in range(data.shape[3])], axis=-1), image.affine, image.header
+    return _zero_based(data), image.affine, image.header
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, like: nib.Nifti1Header | None = None) -> None:

@@ -1,4 +1,4 @@
-"""MONAI Label infer task ``mome``: a native-space MR image -> its lesion label on the image's own grid.
+"""MONAI Label infer tasks: ``mome`` (one MR image) and ``mome_plus`` (a study's contrasts) -> labels on the image grid.
 
 The bundle's native pipeline does the work (:class:`scripts.pipeline.MoMESegmenter` through
 :func:`operators.bundle.load_segmenters`): affine registration to the MNI152 template, MoME in MoME space, class
@@ -9,11 +9,19 @@ The task is built on MONAI Label's basic ``InferTask`` interface, not on ``Basic
 those import ``monailabel.transform.post``, which imports torchvision, whose CUDA build on PyPI does not load with the
 CPU torch. The pipeline needs neither.
 
-Request parameters (``params`` of ``POST /infer/mome``):
+``mome`` request parameters (``params`` of ``POST /infer/mome``):
 
 * ``modality``: ``t1``, ``t1ce``, ``t2``, ``flair`` or ``dwi`` — picks the registration template's contrast. Default:
   the image name's suffix (``case_flair.nii.gz``). An image with neither is answered 400, naming what is missing.
 * ``tta``: mirror test-time augmentation (8 network passes).
+
+``mome_plus`` takes one multi-channel NIfTI (X, Y, Z, C): co-registered contrasts of one study on one grid, at least
+two of T1, T1ce, T2, FLAIR (an all-zero channel counts as missing). MoME+ (:class:`scripts.pipeline.MoMEPlusSegmenter`)
+registers the reference channel (T1ce first, then T1, FLAIR, T2) to the template and returns the tumour sub-regions
+(the bundle's ``channel_def``: necrotic core, oedema, enhancing) on the image grid. Parameters:
+
+* ``channels``: the contrast of each channel in order, e.g. ``["t1ce", "flair"]``; default the model's order
+  (``t1, t1ce, t2, flair``), which then needs four channels.
 
 Bad input is answered with a 4xx status and the reason (a file that is not one 3-D NIfTI volume, or whose
 registration fails its quality checks: 422); the server keeps serving.
@@ -29,16 +37,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from app.errors import InputRejected
-from app.nifti_io import guess_modality, load_volume, save_nifti
+from app.nifti_io import guess_modality, load_channels, load_volume, save_nifti
 from operators import bundle
 from operators.modality_router import MODALITIES
-from operators.study import Segmenter
+from operators.mome_inference import PLUS_REFERENCE_ORDER
+from operators.study import PlusSegmenter, Segmenter
 
-__all__ = ["MoMEInfer", "labels_of"]
+__all__ = ["MoMEInfer", "MoMEPlusInfer", "labels_of"]
 
 logger = logging.getLogger(__name__)
 BAD_REQUEST, UNPROCESSABLE = 400, 422
@@ -53,13 +63,13 @@ class MoMEInfer(InferTask):
     """Single-contrast MoME on one native-space NIfTI image (see the module docstring).
 
     Args:
-        load: loads the bundle's MoME (:func:`operators.bundle.load_segmenters`), with mirror test-time augmentation
-            when called with True; the TTA model is loaded on the first ``tta`` request.
+        segmenter: the bundle's MoME (:func:`operators.bundle.load_segmenters`).
+        load_tta: loads it with mirror test-time augmentation; called on the first ``tta`` request.
     """
 
-    def __init__(self, load: Callable[[bool], Segmenter]) -> None:
-        self.load = load
-        self.segmenter = load(False)
+    def __init__(self, segmenter: Segmenter, load_tta: Callable[[], Segmenter]) -> None:
+        self.segmenter = segmenter
+        self.load_tta = load_tta
         self._tta_segmenter: Segmenter | None = None
         self._loading = threading.Lock()
         super().__init__(
@@ -113,7 +123,7 @@ class MoMEInfer(InferTask):
     def _tta(self) -> Segmenter:
         with self._loading:
             if self._tta_segmenter is None:
-                self._tta_segmenter = self.load(True)
+                self._tta_segmenter = self.load_tta()
             return self._tta_segmenter
 
     @staticmethod
@@ -145,3 +155,92 @@ def _since(started: float) -> float:
 def _without_folder(error: Exception, image: Path) -> str:
     """The error message without the server's temporary folder."""
     return str(error).replace(str(image), image.name)
+
+
+class MoMEPlusInfer(InferTask):
+    """MoME+ on one multi-channel NIfTI of co-registered contrasts (see the module docstring).
+
+    Args:
+        segmenter: the bundle's MoME+ (:func:`operators.bundle.load_segmenters` in ``plus`` mode).
+    """
+
+    MIN_CHANNELS = 2
+
+    def __init__(self, segmenter: PlusSegmenter) -> None:
+        self.segmenter = segmenter
+        names = ", ".join(segmenter.modalities)
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=labels_of(segmenter.channel_def),
+            dimension=3,
+            description=(
+                f"MoME+ tumour sub-regions from at least two co-registered contrasts of one study ({names}) given as "
+                "the channels of one image"
+            ),
+            config={"channels": list(segmenter.modalities)},
+        )
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Segments the channels of ``request["image"]``; returns the label file and its record."""
+        started = time.perf_counter()
+        image = Path(request["image"])
+        order = self._channel_order(request)
+        try:
+            array, affine, header = load_channels(image, max_channels=len(self.segmenter.modalities))
+        except InputRejected as error:
+            raise HTTPException(UNPROCESSABLE, f"image: {_without_folder(error, image)}") from None
+        if array.shape[3] != len(order):
+            raise HTTPException(
+                UNPROCESSABLE,
+                f"image has {array.shape[3]} channel(s) but params channels names {len(order)} ({', '.join(order)}).",
+            )
+        present = [m for i, m in enumerate(order) if np.ptp(array[..., i]) > 0]
+        if len(present) < self.MIN_CHANNELS:
+            raise HTTPException(
+                UNPROCESSABLE,
+                f"MoME+ needs at least {self.MIN_CHANNELS} of {', '.join(self.segmenter.modalities)}; the image holds "
+                f"{', '.join(present) or 'none'} (an all-zero channel is missing). For one contrast use mome.",
+            )
+        channels = {m: bundle.plus_channel(array[..., order.index(m)], affine, "image", m) for m in present}
+        reference = next(m for m in PLUS_REFERENCE_ORDER if m in channels)
+        try:
+            result = self.segmenter.segment_channels(channels, reference, None)
+        except bundle.rejections() as error:
+            raise HTTPException(UNPROCESSABLE, str(error)) from None
+        with tempfile.NamedTemporaryFile(prefix="mome-label-", suffix=".nii.gz", delete=False) as handle:
+            output = Path(handle.name)
+        save_nifti(result.labels, affine, output, header)
+        voxel_ml = bundle.voxel_ml(affine)
+        record = {
+            "model": "mome_plus",
+            "label_names": dict(self.labels),
+            "channels": order,
+            "reference": reference,
+            "modalities_available": [m for m, available in result.availability.items() if available],
+            "modalities_excluded": dict(result.excluded),
+            **bundle.lesion_summary(result.labels > 0, affine),
+            "region_volume_ml": {
+                name: round(float((result.labels == value).sum()) * voxel_ml, 3) for name, value in self.labels.items()
+            },
+            "registration": result.registration.to_dict(),
+            "inference": result.inference,
+            "bundle": self.segmenter.describe(),
+            "seconds": {**{k: round(v, 2) for k, v in result.seconds.items()}, "total": _since(started)},
+        }
+        logger.info("mome_plus (%s): %s mL, %s s", "+".join(present), record["lesion_volume_ml"], _since(started))
+        return str(output), record
+
+    def _channel_order(self, request: dict[str, Any]) -> list[str]:
+        """The contrast of each channel: the request's ``channels``, else the model's order; 400 when malformed."""
+        asked = request.get("channels") or list(self.segmenter.modalities)
+        order = [str(m).strip().lower() for m in (asked.split(",") if isinstance(asked, str) else asked)]
+        unknown = [m for m in order if m not in self.segmenter.modalities]
+        if unknown or len(set(order)) != len(order):
+            raise HTTPException(
+                BAD_REQUEST,
+                f"channels {order}: each must be one of {', '.join(self.segmenter.modalities)}, none twice.",
+            )
+        return order

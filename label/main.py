@@ -6,8 +6,9 @@ Configuration (``--conf KEY VALUE``):
 * ``device``: ``cpu`` or ``cuda`` (default: CUDA when available);
 * ``profile``: the bundle's inference profile (default: the bundle's).
 
-Infer tasks: ``mome`` (:mod:`label.infer`). Images come from the studies folder (NIfTI) and labels saved from the
-clients are kept in its ``labels/`` folder, as MONAI Label's local datastore does.
+Infer tasks (:mod:`label.infer`): ``mome``, and ``mome_plus`` when the bundle holds a MoME+ model. Images come from
+the studies folder (NIfTI) and labels saved from the clients are kept in its ``labels/`` folder, as MONAI Label's
+local datastore does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
 
 from app import __version__  # noqa: E402
-from label.infer import MoMEInfer  # noqa: E402
+from label.infer import MoMEInfer, MoMEPlusInfer  # noqa: E402
 from operators.bundle import default_bundle_dir, load_segmenters, resolve_bundle  # noqa: E402
 from operators.study import Segmenter  # noqa: E402
 
@@ -53,10 +54,16 @@ class MoMELabelApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         logger.info("MoME bundle: %s", self.bundle)
-        return {"mome": MoMEInfer(self._mome)}
+        models = load_segmenters(self.bundle, "auto", self.device, False, self.profile)
+        infers: dict[str, InferTask] = {}
+        if models.single is not None:
+            infers["mome"] = MoMEInfer(models.single, self._mome_with_tta)
+        if models.plus is not None:
+            infers["mome_plus"] = MoMEPlusInfer(models.plus)
+        return infers
 
-    def _mome(self, tta: bool) -> Segmenter:
-        segmenter = load_segmenters(self.bundle, "single", self.device, tta, self.profile).single
+    def _mome_with_tta(self) -> Segmenter:
+        segmenter = load_segmenters(self.bundle, "single", self.device, True, self.profile).single
         if segmenter is None:  # load_segmenters raises first: "single" mode always loads MoME
             raise FileNotFoundError(f"{self.bundle}: no MoME model.")
         return segmenter

@@ -102,6 +102,7 @@ class PlusSegmenter(Protocol):
     """
 
     modalities: Sequence[str]
+    channel_def: dict[str, str]  # label value -> class name (the bundle's MoME+ output channel_def)
 
     def segment_channels(
         self, channels: Mapping[str, Any], reference: str, progress: Progress | None

@@ -344,7 +344,8 @@ def _native_grid(rng: np.random.Generator, affine: np.ndarray, shape: Sequence[i
 def _to_native(
     rng: np.random.Generator, image: np.ndarray, label: np.ndarray, affine: np.ndarray, head_scale: float
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Resamples an image/label pair from MoME space onto a random native grid (linear / nearest).
+    """Resamples an image/label pair from MoME space onto a random native grid (linear; each label value's fraction
+    interpolated linearly, the largest wins, so BraTS sub-regions keep their values).
 
     The native world differs from the template world by a random rotation and shift (the patient's position in this
     series) and by ``head_scale`` (the subject's head size; one value for every series of a subject, since series of
@@ -357,9 +358,13 @@ def _to_native(
     transform[:3, 3] = rng.uniform(-20, 20, size=3)
     voxel = np.linalg.inv(affine) @ transform @ native_affine  # native voxel -> MoME-space voxel
     coords = voxel_to_world(native_shape, voxel)
-    volume = torch.from_numpy(np.stack([image, label.astype(np.float32)]))
+    values = [int(v) for v in np.unique(label) if v != 0] or [1]
+    volume = torch.from_numpy(np.stack([image, *[(label == v).astype(np.float32) for v in values]]))
     moved = sample_at_voxels(volume, coords).numpy()
-    return moved[0], (moved[1] > 0.5).astype(np.uint8), native_affine, transform
+    # each label value's fraction, linearly interpolated; the largest wins (binary: fraction > 0.5)
+    fractions = np.concatenate([1.0 - moved[1:].sum(0, keepdims=True), moved[1:]])
+    native_label = np.asarray([0, *values], dtype=np.uint8)[np.argmax(fractions, axis=0)]
+    return moved[0], native_label, native_affine, transform
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type) -> None:

@@ -124,6 +124,20 @@ def test_native_space_cases_record_their_transform(tmp_path):
     assert native_ml == pytest.approx(template_ml, rel=0.35)
 
 
+def test_native_space_cases_keep_the_brats_regions(tmp_path):
+    """Each region's fraction is resampled and the largest wins: the sub-regions keep their values (not 0/1)."""
+    path = generate_dataset(
+        tmp_path, 1, seed=7, spacing=4.0, modalities=["t1ce"], lesion_weights={"glioma": 1.0}, native=True,
+        label_scheme="brats",
+    )  # fmt: skip
+    entry = json.loads(path.read_text())["training"][0]
+    label = np.asarray(nib.load(tmp_path / entry["label"]).dataobj)
+    assert set(np.unique(label)) == {0, 1, 2, 3}
+    assert entry["lesion_ml"] == pytest.approx(
+        (label > 0).sum() * abs(np.linalg.det(nib.load(tmp_path / entry["label"]).affine[:3, :3])) / 1000, rel=0.01
+    )
+
+
 def test_command_line(tmp_path, capsys):
     common = ["--cases", "1", "--seed", "0", "--spacing", "4", "--quiet"]
     assert synthetic.main(["--out", str(tmp_path / "all"), *common, "--all-contrasts"]) == 0

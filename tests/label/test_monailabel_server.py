@@ -28,10 +28,14 @@ def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 2 * float((prediction & truth).sum()) / max(1, int(prediction.sum() + truth.sum()))
 
 
+BRATS_REGIONS = {"whole tumour": (1, 2, 3), "tumour core": (1, 3), "enhancing tumour": (3,)}
+
+
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> tuple[Path, Path]:
-    """A MONAI Label studies folder with the demo study's FLAIR and DWI (native space), and their truths apart."""
-    from scripts.synthetic import generate_dataset
+    """A MONAI Label studies folder, truths apart: the demo study's FLAIR and DWI (native space) and its glioma's
+    T1/T1ce/T2/FLAIR as one co-registered 4-channel image (``demo_glioma``, BraTS labels)."""
+    from scripts.synthetic import PLUS_MODALITIES, generate_dataset
 
     root = tmp_path_factory.mktemp("label")
     studies, truth = root / "studies", root / "truth"
@@ -45,6 +49,16 @@ def studies(tmp_path_factory) -> tuple[Path, Path]:
         (entry,) = json.loads(datalist.read_text())["training"]
         (made / entry["image"]).rename(studies / f"demo_{modality}.nii.gz")
         (made / entry["label"]).rename(truth / f"demo_{modality}.nii.gz")
+    made = root / "made_glioma"
+    datalist = generate_dataset(
+        made, 1, seed=SEED, spacing=2.0, modalities=list(PLUS_MODALITIES), lesion_weights={"glioma": 1.0},
+        multichannel=True, label_scheme="brats",
+    )  # fmt: skip
+    (entry,) = json.loads(datalist.read_text())["training"]
+    channels = [nib.load(made / image) for image in entry["image"]]
+    stacked = np.stack([np.asarray(c.dataobj, np.float32) for c in channels], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, channels[0].affine), studies / "demo_glioma.nii.gz")
+    (made / entry["label"]).rename(truth / "demo_glioma.nii.gz")
     return studies, truth
 
 
@@ -62,10 +76,12 @@ def server(studies, tmp_path_factory) -> str:
         yield url
 
 
-def _infer(server: str, image: str = "", params: dict | None = None, upload: tuple[str, bytes] | None = None):
+def _infer(
+    server: str, image: str = "", params: dict | None = None, upload: tuple[str, bytes] | None = None, model="mome"
+) -> requests.Response:
     files = {"file": upload} if upload else None
     data = {"params": json.dumps(params or {})}
-    return requests.post(f"{server}/infer/mome", params={"image": image, "output": "all"}, data=data, files=files)
+    return requests.post(f"{server}/infer/{model}", params={"image": image, "output": "all"}, data=data, files=files)
 
 
 def _label_and_record(response: requests.Response, tmp_path: Path) -> tuple[nib.Nifti1Image, dict]:
@@ -80,12 +96,14 @@ def _label_and_record(response: requests.Response, tmp_path: Path) -> tuple[nib.
     return nib.load(path), record
 
 
-def test_info_lists_mome_with_its_labels(server):
+def test_info_lists_mome_and_mome_plus_with_their_labels(server):
     info = requests.get(f"{server}/info/").json()
-    mome = info["models"]["mome"]
-    assert mome["type"] == "segmentation" and mome["dimension"] == 3
-    assert mome["labels"] == {"lesion": 1} and info["labels"] == ["lesion"]
-    assert info["name"] == "MoME" and "modality" in mome["config"]
+    mome, plus = info["models"]["mome"], info["models"]["mome_plus"]
+    assert mome["type"] == plus["type"] == "segmentation" and mome["dimension"] == plus["dimension"] == 3
+    assert mome["labels"] == {"lesion": 1} and "modality" in mome["config"]
+    assert plus["labels"] == {"necrotic_core": 1, "oedema": 2, "enhancing": 3}
+    assert plus["config"]["channels"] == ["t1", "t1ce", "t2", "flair"]
+    assert info["name"] == "MoME" and info["labels"] == ["lesion", "necrotic_core", "oedema", "enhancing"]
 
 
 def test_mome_segments_a_native_image_on_its_own_grid(server, studies, tmp_path):
@@ -122,3 +140,44 @@ def test_bad_requests_get_a_4xx_naming_the_reason_and_the_server_keeps_serving(s
     for response, status, reason in cases:
         assert response.status_code == status and reason in response.json()["detail"], response.text[:500]
     assert requests.get(f"{server}/info/").status_code == 200
+
+
+def test_mome_plus_segments_the_tumour_regions_of_a_four_channel_image(server, studies, tmp_path):
+    image, record = _label_and_record(_infer(server, "demo_glioma", model="mome_plus"), tmp_path)
+    source = nib.load(studies[0] / "demo_glioma.nii.gz")
+    assert image.shape == source.shape[:3] and image.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
+    labels, truth = np.asarray(image.dataobj), np.asarray(nib.load(studies[1] / "demo_glioma.nii.gz").dataobj)
+    for region, values in BRATS_REGIONS.items():
+        assert _dice(np.isin(labels, values), np.isin(truth, values)) >= 0.7, region
+    assert record["reference"] == "t1ce" and record["modalities_available"] == ["t1", "t1ce", "t2", "flair"]
+    assert set(record["region_volume_ml"]) == {"necrotic_core", "oedema", "enhancing"}
+
+
+def test_mome_plus_takes_a_subset_of_contrasts_named_by_the_request(server, studies, tmp_path):
+    glioma = nib.load(studies[0] / "demo_glioma.nii.gz")
+    pair = np.asarray(glioma.dataobj)[..., [1, 3]]  # t1ce, flair
+    path = tmp_path / "pair.nii.gz"
+    nib.save(nib.Nifti1Image(pair, glioma.affine), path)
+    upload = ("pair.nii.gz", path.read_bytes())
+    response = _infer(server, params={"channels": ["t1ce", "flair"]}, upload=upload, model="mome_plus")
+    image, record = _label_and_record(response, tmp_path)
+    truth = np.asarray(nib.load(studies[1] / "demo_glioma.nii.gz").dataobj)
+    assert _dice(np.asarray(image.dataobj) > 0, truth > 0) >= 0.7
+    assert record["modalities_available"] == ["t1ce", "flair"] and record["channels"] == ["t1ce", "flair"]
+
+
+def test_mome_plus_bad_requests_name_what_is_wrong(server, studies, tmp_path):
+    glioma = nib.load(studies[0] / "demo_glioma.nii.gz")
+    one = np.zeros(glioma.shape, np.float32)
+    one[..., 3] = np.asarray(glioma.dataobj)[..., 3]
+    path = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(one, glioma.affine), path)
+    upload = ("one.nii.gz", path.read_bytes())
+    cases = [
+        (_infer(server, "demo_glioma", {"channels": ["t1", "ct"]}, model="mome_plus"), 400, "none twice"),
+        (_infer(server, "demo_glioma", {"channels": ["t1", "t2"]}, model="mome_plus"), 422, "4 channel(s) but"),
+        (_infer(server, upload=upload, model="mome_plus"), 422, "holds flair (an all-zero channel is missing)"),
+    ]
+    for response, status, reason in cases:
+        assert response.status_code == status and reason in response.json()["detail"], response.text[:500]

@@ -1,0 +1,156 @@
+"""MONAI Label latency: a real ``monailabel start_server --app label`` (``.venv-label``) on loopback, timed over HTTP.
+
+Per task, one warm-up request and then ``--repeats`` timed ``POST /infer/<task>?image=...&output=image`` requests
+with the shipped demo weights on CPU: ``mome`` on the demo study's native FLAIR (100 x 123 x 41, oblique, 2 mm in
+plane) and ``mome_plus`` on its glioma as one co-registered 4-channel image (80 x 98 x 80, 2 mm). Reported: the
+median client-side seconds (what a 3D Slicer user waits), the server's own stage seconds of the last run, the
+server start time, and the machine.
+
+Usage (repository root, after ``make label``)::
+
+    .venv/bin/python bench/label_latency.py [--repeats 3]
+
+Writes ``bench/results/label_latency.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
+sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from cpu_profiles import machine_facts  # noqa: E402
+
+from scripts.synthetic import PLUS_MODALITIES, generate_dataset  # noqa: E402
+
+SEED = 7  # the demo study's
+
+
+def make_studies(root: Path) -> Path:
+    """The demo study's FLAIR and its glioma's four contrasts as one 4-channel image, in a studies folder."""
+    studies = root / "studies"
+    studies.mkdir(parents=True)
+    made = generate_dataset(
+        root / "flair", 1, seed=SEED, spacing=2.0, modalities=["flair"], lesion_weights={"glioma": 1.0}, native=True
+    )
+    (entry,) = json.loads(made.read_text())["training"]
+    (root / "flair" / entry["image"]).rename(studies / "demo_flair.nii.gz")
+    made = generate_dataset(
+        root / "glioma", 1, seed=SEED, spacing=2.0, modalities=list(PLUS_MODALITIES), lesion_weights={"glioma": 1.0},
+        multichannel=True, label_scheme="brats",
+    )  # fmt: skip
+    (entry,) = json.loads(made.read_text())["training"]
+    channels = [nib.load(root / "glioma" / image) for image in entry["image"]]
+    stacked = np.stack([np.asarray(c.dataobj, np.float32) for c in channels], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, channels[0].affine), studies / "demo_glioma.nii.gz")
+    return studies
+
+
+def start_server(studies: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
+    """The server on a free loopback port; returns it, its URL and the seconds until ``/info/`` answered."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO / "label")]
+    command += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "device", "cpu"]
+    env = {**os.environ, "MONAI_LABEL_SESSIONS": "false", "PYTHONPATH": ""}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=studies.parent)
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - started < 300:
+        try:
+            urllib.request.urlopen(f"{url}/info/", timeout=2).read()
+            return process, url, time.perf_counter() - started
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit(f"the MONAI Label server did not start; see {log}")
+
+
+def time_task(url: str, task: str, image: str, repeats: int) -> dict[str, Any]:
+    """One warm-up request, then ``repeats`` timed ones; the last one's result record."""
+    seconds = []
+    for attempt in range(repeats + 1):
+        started = time.perf_counter()
+        query = {"image": image, "output": "json"}
+        response = requests.post(f"{url}/infer/{task}", params=query, data={"params": "{}"})
+        response.raise_for_status()
+        if attempt:
+            seconds.append(time.perf_counter() - started)
+    record = response.json()
+    return {
+        "task": task,
+        "image": image,
+        "seconds": [round(s, 2) for s in seconds],
+        "median_s": round(statistics.median(seconds), 2),
+        "server_stage_s": record["seconds"],
+        "lesion_volume_ml": record["lesion_volume_ml"],
+    }
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    machine = results["machine"]
+    lines = [
+        "# MONAI Label latency (CPU, demo weights)",
+        "",
+        f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, ISA {', '.join(machine['isa_flags'])}, "
+        f"torch {machine['torch']}. Server start (process to first `/info/` answer): {results['server_start_s']} s.",
+        "",
+        "| task | image | median s (of 3, client side) | runs | registration s | network s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results["tasks"]:
+        stages = row["server_stage_s"]
+        lines.append(
+            f"| {row['task']} | {row['image']} | {row['median_s']} | {', '.join(map(str, row['seconds']))} | "
+            f"{stages.get('registration', '-')} | {stages.get('network', '-')} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mome-label-bench-") as folder:
+        studies = make_studies(Path(folder))
+        process, url, start_s = start_server(studies, Path(folder) / "server.log")
+        try:
+            tasks = [
+                time_task(url, "mome", "demo_flair", args.repeats),
+                time_task(url, "mome_plus", "demo_glioma", args.repeats),
+            ]
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    results = {"machine": machine_facts(), "server_start_s": round(start_s, 1), "tasks": tasks}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "label_latency.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, RESULTS / "label_latency.md")
+    print((RESULTS / "label_latency.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
