@@ -50,7 +50,7 @@ bench-label: $(STAMP) $(LABEL_STAMP)
 
 label-serve: $(LABEL_STAMP)
 	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR [PORT=8000]" >&2; exit 2; }
-	MONAI_LABEL_SESSIONS=false $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \
+	MONAI_LABEL_SESSIONS=false PYTHONPATH="$(CURDIR)" $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \
 		--host 127.0.0.1 --port $(PORT) --conf bundle "$(CURDIR)/bundle"
 
 # Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
