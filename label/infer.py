@@ -43,6 +43,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from app.errors import InputRejected
 from app.nifti_io import guess_modality, load_channels, load_volume, save_nifti
+from label.weights import ServedWeights
 from operators import bundle
 from operators.modality_router import MODALITIES
 from operators.mome_inference import PLUS_REFERENCE_ORDER
@@ -65,11 +66,13 @@ class MoMEInfer(InferTask):
     Args:
         segmenter: the bundle's MoME (:func:`operators.bundle.load_segmenters`).
         load_tta: loads it with mirror test-time augmentation; called on the first ``tta`` request.
+        weights: the served weight files (shipped or fine-tuned); each request runs with the current ones.
     """
 
-    def __init__(self, segmenter: Segmenter, load_tta: Callable[[], Segmenter]) -> None:
+    def __init__(self, segmenter: Segmenter, load_tta: Callable[[], Segmenter], weights: ServedWeights) -> None:
         self.segmenter = segmenter
         self.load_tta = load_tta
+        self.weights = weights
         self._tta_segmenter: Segmenter | None = None
         self._loading = threading.Lock()
         super().__init__(
@@ -96,6 +99,7 @@ class MoMEInfer(InferTask):
         except InputRejected as error:
             raise HTTPException(UNPROCESSABLE, f"image: {_without_folder(error, image)}") from None
         segmenter = self._tta() if _flag(request.get("tta")) else self.segmenter
+        self.weights.sync(segmenter.network, segmenter.device)
         try:
             result = segmenter.segment(array, affine, name="image", modality=modality, progress=None)
         except bundle.rejections() as error:
@@ -114,6 +118,7 @@ class MoMEInfer(InferTask):
             "warnings": list(registration["warnings"]),
             "inference": result.inference,
             "bundle": segmenter.describe(),
+            **self.weights.describe(),
             "seconds": {**{k: round(v, 2) for k, v in result.seconds.items()}, "total": _since(started)},
         }
         lesions = f"{record['lesion_volume_ml']} mL in {record['lesion_count']} lesion(s)"

@@ -4,11 +4,13 @@ Configuration (``--conf KEY VALUE``):
 
 * ``bundle``: the MoME bundle folder (default: ``$MOME_BUNDLE``, else the repository's ``bundle/``);
 * ``device``: ``cpu`` or ``cuda`` (default: CUDA when available);
-* ``profile``: the bundle's inference profile (default: the bundle's).
+* ``profile``: the bundle's inference profile (default: the bundle's);
+* ``model_dir``: where fine-tuned weights are kept (default: the app's ``model/`` folder).
 
-Infer tasks (:mod:`label.infer`): ``mome``, and ``mome_plus`` when the bundle holds a MoME+ model. Images come from
-the studies folder (NIfTI) and labels saved from the clients are kept in its ``labels/`` folder, as MONAI Label's
-local datastore does.
+Infer tasks (:mod:`label.infer`): ``mome``, and ``mome_plus`` when the bundle holds a MoME+ model. Train task
+(:mod:`label.train`): ``mome``, fine-tuning on the saved labels; its weights are served from then on
+(:mod:`label.weights`). Images come from the studies folder (NIfTI) and labels saved from the clients are kept in its
+``labels/`` folder, as MONAI Label's local datastore does.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ if str(REPO) not in sys.path:  # MONAI Label loads this file by path: make the r
 from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from app import __version__  # noqa: E402
 from label.infer import MoMEInfer, MoMEPlusInfer  # noqa: E402
+from label.train import MoMETrain  # noqa: E402
+from label.weights import ServedWeights  # noqa: E402
 from operators.bundle import default_bundle_dir, load_segmenters, resolve_bundle  # noqa: E402
 from operators.study import Segmenter  # noqa: E402
 
@@ -43,6 +48,9 @@ class MoMELabelApp(MONAILabelApp):
         self.bundle = resolve_bundle(Path(conf["bundle"]) if conf.get("bundle") else default_bundle_dir())
         self.device = conf.get("device") or None
         self.profile = conf.get("profile") or None
+        model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
+        self.weights = ServedWeights(self.bundle / "models" / "model.pt", model_dir / "mome_finetuned.pt")
+        self.models = load_segmenters(self.bundle, "auto", self.device, False, self.profile)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -54,13 +62,15 @@ class MoMELabelApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         logger.info("MoME bundle: %s", self.bundle)
-        models = load_segmenters(self.bundle, "auto", self.device, False, self.profile)
         infers: dict[str, InferTask] = {}
-        if models.single is not None:
-            infers["mome"] = MoMEInfer(models.single, self._mome_with_tta)
-        if models.plus is not None:
-            infers["mome_plus"] = MoMEPlusInfer(models.plus)
+        if self.models.single is not None:
+            infers["mome"] = MoMEInfer(self.models.single, self._mome_with_tta, self.weights)
+        if self.models.plus is not None:
+            infers["mome_plus"] = MoMEPlusInfer(self.models.plus)
         return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {"mome": MoMETrain(self.models.single, self.weights)} if self.models.single is not None else {}
 
     def _mome_with_tta(self) -> Segmenter:
         segmenter = load_segmenters(self.bundle, "single", self.device, True, self.profile).single

@@ -104,6 +104,7 @@ class MoMESegmenter:
             kind = "a MoME+" if isinstance(self.network, MoMEPlus) else "a single-modality MoME"
             raise ValueError(f"{config}: describes {kind} model, which this segmenter cannot run.")
         self.modalities = [str(m) for m in parser.get("modalities", [])]
+        self.patch_size = [int(n) for n in parser.get("patch_size", [64, 64, 64])]
         weights = self.bundle_dir / "models" / self.WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: the bundle has no weights (train, or convert with mome-convert).")
@@ -172,6 +173,37 @@ class MoMESegmenter:
             seconds=seconds,
             inference=self.inference_record(),
         )
+
+    def training_case(
+        self, array: np.ndarray, affine: np.ndarray, labels: np.ndarray, modality: str, name: str = "image"
+    ) -> Dict[str, Any]:
+        """A labelled native volume as a training case in the network's space, prepared exactly as :meth:`segment`
+        prepares its input: intensity normalisation, registration to the template, resampling into brain-masked MoME
+        space, the network's axis order and z-score. The label (any value > 0 is lesion) follows the same transform.
+
+        Returns:
+            ``image`` and ``label`` (1, X, Y, Z) tensors, ``modality``, ``case`` (``name``) and the registration record
+            (the case format of :class:`scripts.training.Trainer`).
+
+        Raises:
+            VolumeRejected: the volume cannot be segmented, or its registration fails its quality checks.
+            ValueError: the labels are not on the volume's grid.
+        """
+        if labels.shape != array.shape:
+            raise ValueError(f"{name}: label shape {labels.shape} differs from the image's {array.shape}.")
+        validate_volume(array, affine, name)
+        array = normalise_intensity(array)
+        registration = register_to_template(array, affine, self.registration_settings, modality, name)
+        image, _ = to_mome_space(array, affine, registration.native_to_template, self.spacing)
+        mask, _ = to_mome_space((labels > 0).astype(np.float32), affine, registration.native_to_template, self.spacing)
+        reverse = ReverseSpatialAxes()
+        return {
+            "image": self.normalize(reverse(image[None])),
+            "label": reverse((mask > 0.5).float()[None]),
+            "modality": modality,
+            "case": name,
+            "registration": registration.to_dict(),
+        }
 
     def inference_record(self) -> Dict[str, Any]:
         """The inference profile and what the last network run did (tiles, precision, fallbacks, threads)."""

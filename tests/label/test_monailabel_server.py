@@ -69,6 +69,7 @@ def server(studies, tmp_path_factory) -> str:
     command = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO / "label")]
     command += ["--studies", str(studies[0]), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--conf", "bundle", str(REPO / "bundle"), "--conf", "device", "cpu"]
+    command += ["--conf", "model_dir", str(tmp_path_factory.mktemp("label_models"))]
     env = {**os.environ, "MONAI_LABEL_SESSIONS": "false", "PYTHONPATH": ""}
     log = tmp_path_factory.mktemp("label_log") / "server.log"
     url = f"http://127.0.0.1:{port}"
@@ -181,3 +182,27 @@ def test_mome_plus_bad_requests_name_what_is_wrong(server, studies, tmp_path):
     ]
     for response, status, reason in cases:
         assert response.status_code == status and reason in response.json()["detail"], response.text[:500]
+
+
+def test_a_saved_label_fine_tunes_the_served_model_and_the_shipped_one_can_be_restored(server, studies, tmp_path):
+    """PUT a label, train (synchronously, a tiny run): the next inference runs on the new weights; restore undoes it."""
+    _, before = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    assert before["weights"] == "shipped"
+    truth = (studies[1] / "demo_dwi.nii.gz").read_bytes()
+    saved = requests.put(
+        f"{server}/datastore/label", params={"image": "demo_dwi", "tag": "final"}, files={"label": ("l.nii.gz", truth)}
+    )
+    assert saved.status_code == 200, saved.text[:500]
+    params = {"epochs": 1, "iterations_per_epoch": 2, "learning_rate": 1e-3}
+    trained = requests.post(f"{server}/train/mome", params={"run_sync": True}, json=params)
+    assert trained.status_code == 200, trained.text[:2000]
+    stats = trained.json()
+    assert stats["cases"] == ["demo_dwi.nii.gz"] and stats["weights"] == "fine-tuned", stats
+    assert "demo_flair.nii.gz" not in stats["cases"]  # no final label
+    _, after = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    assert after["weights"] == "fine-tuned" and after["sha256"] == stats["sha256"] != before["sha256"]
+    assert after["lesion_volume_ml"] != before["lesion_volume_ml"]  # the new weights really run
+    restored = requests.post(f"{server}/train/mome", params={"run_sync": True}, json={"restore": True}).json()
+    assert restored["restored"] and restored["weights"] == "shipped"
+    _, again = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    assert again["sha256"] == before["sha256"] and again["lesion_volume_ml"] == before["lesion_volume_ml"]
