@@ -9,8 +9,9 @@ Configuration (``--conf KEY VALUE``):
 
 Infer tasks (:mod:`label.infer`): ``mome``, and ``mome_plus`` when the bundle holds a MoME+ model. Train task
 (:mod:`label.train`): ``mome``, fine-tuning on the saved labels; its weights are served from then on
-(:mod:`label.weights`). Images come from the studies folder (NIfTI) and labels saved from the clients are kept in its
-``labels/`` folder, as MONAI Label's local datastore does.
+(:mod:`label.weights`). Active learning (:mod:`label.strategy`): ``expert_disagreement``. Images come from the
+studies folder (NIfTI) and labels saved from the clients are kept in its ``labels/`` folder, as MONAI Label's local
+datastore does.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ if str(REPO) not in sys.path:  # MONAI Label loads this file by path: make the r
 from fastapi import HTTPException  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
 from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from app import __version__  # noqa: E402
 from label.infer import MoMEInfer, MoMEPlusInfer  # noqa: E402
+from label.strategy import ExpertDisagreement  # noqa: E402
 from label.train import MoMETrain  # noqa: E402
 from label.weights import ServedWeights  # noqa: E402
 from operators.bundle import default_bundle_dir, load_segmenters, resolve_bundle  # noqa: E402
@@ -71,6 +74,12 @@ class MoMELabelApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"mome": MoMETrain(self.models.single, self.weights)} if self.models.single is not None else {}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        strategies = super().init_strategies()  # MONAI Label's random
+        if self.models.single is not None:
+            strategies["expert_disagreement"] = ExpertDisagreement(self.models.single, self.weights)
+        return strategies
 
     def _mome_with_tta(self) -> Segmenter:
         segmenter = load_segmenters(self.bundle, "single", self.device, True, self.profile).single

@@ -289,6 +289,16 @@ class MoME(nn.Module):
         return self.fuse(expert_logits, self._route(weights, self.classify(x))[0])
 
     @torch.jit.unused
+    def expert_foreground(self, x: torch.Tensor) -> torch.Tensor:
+        """Each expert's own lesion probability ``1 - p(background)`` at full resolution, ``(B, K, X, Y, Z)``: the
+        experts without the gate, to measure how much they disagree (active learning)."""
+        probabilities = []
+        for expert in self.experts:
+            logits = expert.forward_features(x, None, False)[1][0]
+            probabilities.append(1.0 - torch.softmax(logits.float(), dim=1)[:, :1])
+        return torch.cat(probabilities, dim=1)
+
+    @torch.jit.unused
     def forward_train(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> Dict[str, list]:
         """Everything a deep-supervised MoME loss needs: fused, per-expert and gate outputs at every level."""
         modality_logits = self.classify(x)

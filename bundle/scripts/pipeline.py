@@ -18,6 +18,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import NormalizeIntensity
 
 from .intensity import normalise_intensity
+from .metrics import voxel_ml
 from .native import probabilities_to_native, to_mome_space
 from .networks import MoMEPlus
 from .registration import (
@@ -205,6 +206,30 @@ class MoMESegmenter:
             "registration": registration.to_dict(),
         }
 
+    @torch.inference_mode()
+    def expert_disagreement(
+        self, array: np.ndarray, affine: np.ndarray, modality: str | None = None, name: str = "image"
+    ) -> Dict[str, Any]:
+        """How much the experts disagree on a native volume (MONAI Label's active learning): each expert's lesion
+        probability in MoME space (input prepared as :meth:`segment` prepares it, tiled by the bundle's inferer), and
+        the mean over brain voxels of the spread ``max_k p_k - min_k p_k`` (0: all agree, 1: the most possible).
+
+        Raises:
+            VolumeRejected: the volume cannot be segmented, or its registration fails its quality checks.
+        """
+        validate_volume(array, affine, name)
+        array = normalise_intensity(array)
+        registration = register_to_template(array, affine, self.registration_settings, modality, name)
+        mome, mome_affine = to_mome_space(array, affine, registration.native_to_template, self.spacing)
+        reverse = ReverseSpatialAxes()
+        image = self.normalize(reverse(mome[None]))
+        foreground = self.inferer(image[None].to(self.device), _ExpertForeground(self.network))[0].cpu()
+        brain = reverse(mome[None] != 0)[0]
+        spread = foreground.max(0).values - foreground.min(0).values
+        ml = voxel_ml(mome_affine)
+        lesion_ml = {m: round(float((p[brain] > 0.5).sum()) * ml, 3) for m, p in zip(self.modalities, foreground)}
+        return {"score": round(float(spread[brain].mean()), 6), "expert_lesion_ml": lesion_ml}
+
     def inference_record(self) -> Dict[str, Any]:
         """The inference profile and what the last network run did (tiles, precision, fallbacks, threads)."""
         describe = getattr(self.inferer, "describe", None)
@@ -356,3 +381,19 @@ class MoMEPlusSegmenter(MoMESegmenter):
         shape = next(c.shape for c in stacked if c is not None)
         arrays = [np.zeros(shape, np.float32) if c is None else c.astype(np.float32) for c in stacked]
         return np.stack(arrays), mome_affine
+
+
+class _ExpertForeground(torch.nn.Module):
+    """A MoME seen by the tiled inferer as a network whose output is :meth:`scripts.networks.MoME.expert_foreground`."""
+
+    def __init__(self, mome: torch.nn.Module) -> None:
+        super().__init__()
+        self.mome = mome
+        self.gate = mome.gate  # the inferer sizes its tiles by the widest input, the gate's
+
+    @property
+    def size_divisor(self) -> tuple[int, int, int]:
+        return self.mome.size_divisor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mome.expert_foreground(x)

@@ -34,3 +34,23 @@ def test_a_native_case_is_prepared_as_inference_prepares_it_and_fine_tuning_chan
     assert any(not torch.equal(tuned[name], served[name]) for name in served)  # the copy trained, the served one not
     with pytest.raises(ValueError, match="label shape"):
         segmenter.training_case(array, image.affine, labels[:-1], "flair", "case")
+
+
+def test_expert_disagreement_is_zero_for_identical_experts_and_positive_otherwise(tmp_path, tiny_bundle):
+    from scripts.pipeline import MoMESegmenter
+    from scripts.synthetic import generate_dataset
+
+    datalist = generate_dataset(
+        tmp_path / "data", 1, seed=7, spacing=4.0, modalities=["flair"], lesion_weights={"glioma": 1.0}, native=True
+    )
+    (entry,) = json.loads(datalist.read_text())["training"]
+    image = nib.load(tmp_path / "data" / entry["image"])
+    array = np.asarray(image.dataobj, np.float32)
+    segmenter = MoMESegmenter(tiny_bundle, device="cpu")
+    differing = segmenter.expert_disagreement(array, image.affine, "flair", "case")
+    assert 0 < differing["score"] <= 1 and set(differing["expert_lesion_ml"]) == set(segmenter.modalities)
+    first = segmenter.network.experts[0].state_dict()
+    for expert in segmenter.network.experts[1:]:
+        expert.load_state_dict(first)
+    same = segmenter.expert_disagreement(array, image.affine, "flair", "case")
+    assert same["score"] == 0 and len(set(same["expert_lesion_ml"].values())) == 1

@@ -206,3 +206,15 @@ def test_a_saved_label_fine_tunes_the_served_model_and_the_shipped_one_can_be_re
     assert restored["restored"] and restored["weights"] == "shipped"
     _, again = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
     assert again["sha256"] == before["sha256"] and again["lesion_volume_ml"] == before["lesion_volume_ml"]
+
+
+def test_active_learning_offers_the_unlabelled_image_whose_experts_disagree_most(server):
+    response = requests.post(f"{server}/activelearning/expert_disagreement", json={})
+    assert response.status_code == 200, response.text[:1000]
+    offered = response.json()
+    scores = offered["scores"]
+    assert scores and offered["id"] == max(scores, key=scores.__getitem__) and 0 < offered["score"] <= 1
+    assert set(scores) <= {"demo_flair", "demo_dwi"}  # a labelled image is never offered
+    assert "3-D volume" in offered["skipped"]["demo_glioma"]  # multi-channel: for mome_plus, not scored
+    info = requests.get(f"{server}/info/").json()
+    assert "expert_disagreement" in info["strategies"] and "mome" in info["trainers"]
