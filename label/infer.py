@@ -43,6 +43,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from app.errors import InputRejected
 from app.nifti_io import guess_modality, load_channels, load_volume, save_nifti
+from label.params import flag, without_folder
 from label.weights import ServedWeights
 from operators import bundle
 from operators.modality_router import MODALITIES
@@ -97,16 +98,14 @@ class MoMEInfer(InferTask):
         try:
             array, affine, header = load_volume(image)
         except InputRejected as error:
-            raise HTTPException(UNPROCESSABLE, f"image: {_without_folder(error, image)}") from None
-        segmenter = self._tta() if _flag(request.get("tta")) else self.segmenter
+            raise HTTPException(UNPROCESSABLE, f"image: {without_folder(error, image)}") from None
+        segmenter = self._tta() if flag(request.get("tta")) else self.segmenter
         self.weights.sync(segmenter.network, segmenter.device)
         try:
             result = segmenter.segment(array, affine, name="image", modality=modality, progress=None)
         except bundle.rejections() as error:
             raise HTTPException(UNPROCESSABLE, str(error)) from None
-        with tempfile.NamedTemporaryFile(prefix="mome-label-", suffix=".nii.gz", delete=False) as handle:
-            output = Path(handle.name)
-        save_nifti(result.labels, affine, output, header)
+        output = _write_label(result.labels, affine, header)
         registration = result.registration.to_dict()
         record = {
             "model": "mome",
@@ -119,7 +118,7 @@ class MoMEInfer(InferTask):
             "inference": result.inference,
             "bundle": segmenter.describe(),
             **self.weights.describe(),
-            "seconds": {**{k: round(v, 2) for k, v in result.seconds.items()}, "total": _since(started)},
+            "seconds": _seconds(result.seconds, started),
         }
         lesions = f"{record['lesion_volume_ml']} mL in {record['lesion_count']} lesion(s)"
         logger.info("mome (%s): %s, %s s", modality, lesions, record["seconds"]["total"])
@@ -149,17 +148,18 @@ class MoMEInfer(InferTask):
         return guessed, "image name"
 
 
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() in {"1", "true", "yes", "on"}
+def _seconds(stages: dict[str, float], started: float) -> dict[str, float]:
+    """The pipeline's stage seconds and the request's total, rounded."""
+    total = round(time.perf_counter() - started, 2)
+    return {**{stage: round(value, 2) for stage, value in stages.items()}, "total": total}
 
 
-def _since(started: float) -> float:
-    return round(time.perf_counter() - started, 2)
-
-
-def _without_folder(error: Exception, image: Path) -> str:
-    """The error message without the server's temporary folder."""
-    return str(error).replace(str(image), image.name)
+def _write_label(labels: np.ndarray, affine: np.ndarray, header: Any) -> Path:
+    """The label map as a NIfTI file on the input's grid, in a temporary file the server removes once sent."""
+    with tempfile.NamedTemporaryFile(prefix="mome-label-", suffix=".nii.gz", delete=False) as handle:
+        output = Path(handle.name)
+    save_nifti(labels, affine, output, header)
+    return output
 
 
 class MoMEPlusInfer(InferTask):
@@ -196,7 +196,7 @@ class MoMEPlusInfer(InferTask):
         try:
             array, affine, header = load_channels(image, max_channels=len(self.segmenter.modalities))
         except InputRejected as error:
-            raise HTTPException(UNPROCESSABLE, f"image: {_without_folder(error, image)}") from None
+            raise HTTPException(UNPROCESSABLE, f"image: {without_folder(error, image)}") from None
         if array.shape[3] != len(order):
             raise HTTPException(
                 UNPROCESSABLE,
@@ -215,10 +215,7 @@ class MoMEPlusInfer(InferTask):
             result = self.segmenter.segment_channels(channels, reference, None)
         except bundle.rejections() as error:
             raise HTTPException(UNPROCESSABLE, str(error)) from None
-        with tempfile.NamedTemporaryFile(prefix="mome-label-", suffix=".nii.gz", delete=False) as handle:
-            output = Path(handle.name)
-        save_nifti(result.labels, affine, output, header)
-        voxel_ml = bundle.voxel_ml(affine)
+        output = _write_label(result.labels, affine, header)
         record = {
             "model": "mome_plus",
             "label_names": dict(self.labels),
@@ -227,15 +224,14 @@ class MoMEPlusInfer(InferTask):
             "modalities_available": [m for m, available in result.availability.items() if available],
             "modalities_excluded": dict(result.excluded),
             **bundle.lesion_summary(result.labels > 0, affine),
-            "region_volume_ml": {
-                name: round(float((result.labels == value).sum()) * voxel_ml, 3) for name, value in self.labels.items()
-            },
+            "region_volume_ml": bundle.region_volumes(result.labels, affine, self.labels),
             "registration": result.registration.to_dict(),
             "inference": result.inference,
             "bundle": self.segmenter.describe(),
-            "seconds": {**{k: round(v, 2) for k, v in result.seconds.items()}, "total": _since(started)},
+            "seconds": _seconds(result.seconds, started),
         }
-        logger.info("mome_plus (%s): %s mL, %s s", "+".join(present), record["lesion_volume_ml"], _since(started))
+        total = record["seconds"]["total"]
+        logger.info("mome_plus (%s): %s mL, %s s", "+".join(present), record["lesion_volume_ml"], total)
         return str(output), record
 
     def _channel_order(self, request: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from app.errors import InputRejected
 from app.nifti_io import guess_modality, load_volume
+from label.params import without_folder
 from label.weights import ServedWeights
 from operators import bundle
 
@@ -49,7 +50,7 @@ class ExpertDisagreement(Strategy):
             try:
                 scores[image_id] = self._score(path)
             except (InputRejected, *bundle.rejections()) as error:
-                skipped[image_id] = str(error).replace(str(path), path.name)
+                skipped[image_id] = without_folder(error, path)
         if not scores:
             return None
         best = max(scores, key=scores.__getitem__)

@@ -26,6 +26,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from app.errors import InputRejected
 from app.nifti_io import guess_modality, load_volume
+from label.params import flag
 from label.weights import ServedWeights
 from operators import bundle
 from operators.study import Segmenter
@@ -71,7 +72,7 @@ class MoMETrain(TrainTask):
         return self._stats
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        if str(request.get("restore", "")).lower() in {"1", "true", "yes"}:
+        if flag(request.get("restore")):
             restored = self.weights.restore()
             return {"restored": restored, **self.weights.describe()}
         started = time.perf_counter()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,7 @@ __all__ = [
     "load_segmenters",
     "plus_channel",
     "profile_names",
+    "region_volumes",
     "rejections",
     "resolve_bundle",
     "use_bundle_scripts",
@@ -211,6 +213,12 @@ def voxel_ml(affine: np.ndarray) -> float:
 def lesion_summary(labels: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
     """Lesion volume (mL), count and largest lesion of a label map (``scripts.metrics.lesion_summary``)."""
     return bundle_scripts("metrics").lesion_summary(labels, voxel_ml(affine))
+
+
+def region_volumes(labels: np.ndarray, affine: np.ndarray, values: Mapping[str, int]) -> dict[str, float]:
+    """The volume (mL, 3 decimals) of each named label value of a label map (MoME+ sub-regions)."""
+    ml = voxel_ml(affine)
+    return {name: round(float((labels == value).sum()) * ml, 3) for name, value in values.items()}
 
 
 def lesion_components(mask: np.ndarray) -> tuple[np.ndarray, int]:

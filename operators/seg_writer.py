@@ -268,9 +268,8 @@ def _write_plus_seg(task: SeriesTask, study_dir: Path, name: str, version: str) 
     add_referenced_series(seg, [source.volume.instances for source in used])
     path = study_dir / f"seg_{task.volume.series_uid}.dcm"
     seg.save_as(path)
-    voxel_ml = bundle.voxel_ml(task.volume.affine)
     lesions = lesion_summary(labels > 0, task.volume.affine)
-    regions = {s.label: round(float((labels == s.value).sum()) * voxel_ml, 3) for s in segments}
+    regions = bundle.region_volumes(labels, task.volume.affine, {s.label: s.value for s in segments})
     volumes = [(s.value, s.label, regions[s.label]) for s in segments]
     sr = build_volume_sr(seg, task.volume.instances, lesions["lesion_volume_ml"], name, version, volumes)
     sr_path = study_dir / f"sr_{task.volume.series_uid}.dcm"

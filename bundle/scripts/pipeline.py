@@ -118,10 +118,31 @@ class MoMESegmenter:
     @torch.inference_mode()
     def probabilities(self, mome_image: np.ndarray) -> torch.Tensor:
         """Class probabilities (C, X, Y, Z) of a brain-masked MoME-space image (z-scored here, as the bundle does)."""
-        reverse = ReverseSpatialAxes()
-        image = self.normalize(reverse(torch.as_tensor(mome_image, dtype=torch.float32)[None]))
-        logits = self.inferer(image[None].to(self.device), self.network)[0]
-        return reverse(torch.softmax(torch.as_tensor(logits).float(), dim=0).cpu())
+        logits = self.inferer(self._network_input(mome_image)[None].to(self.device), self.network)[0]
+        return ReverseSpatialAxes()(torch.softmax(torch.as_tensor(logits).float(), dim=0).cpu())
+
+    def _network_input(self, mome_image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A MoME-space (X, Y, Z) image as the network takes it: (1, ...) in its axis order, z-scored."""
+        return self.normalize(ReverseSpatialAxes()(torch.as_tensor(mome_image, dtype=torch.float32)[None]))
+
+    def _to_mome_space(
+        self, array: np.ndarray, affine: np.ndarray, modality: str | None, name: str, say: Progress
+    ) -> tuple[torch.Tensor, np.ndarray, Registration, Dict[str, float]]:
+        """Checks, normalises and registers a native volume and resamples it into brain-masked MoME space.
+
+        Returns:
+            The MoME-space image and its affine, the registration and the seconds of both steps.
+        """
+        validate_volume(array, affine, name)
+        array = normalise_intensity(array)
+        started = time.perf_counter()
+        say("registering to the MNI152 2009a template")
+        registration = register_to_template(array, affine, self.registration_settings, modality, name)
+        seconds = {"registration": time.perf_counter() - started}
+        started = time.perf_counter()
+        mome, mome_affine = to_mome_space(array, affine, registration.native_to_template, self.spacing)
+        seconds["to_mome_space"] = time.perf_counter() - started
+        return mome, mome_affine, registration, seconds
 
     def segment(
         self,
@@ -142,17 +163,7 @@ class MoMESegmenter:
                 (:class:`scripts.registration.RegistrationFailed`); the message names ``name``.
         """
         say = progress or (lambda _: None)
-        validate_volume(array, affine, name)
-        array = normalise_intensity(array)
-        seconds: Dict[str, float] = {}
-        started = time.perf_counter()
-        say("registering to the MNI152 2009a template")
-        registration = register_to_template(array, affine, self.registration_settings, modality, name)
-        seconds["registration"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        mome, mome_affine = to_mome_space(array, affine, registration.native_to_template, self.spacing)
-        seconds["to_mome_space"] = time.perf_counter() - started
+        mome, mome_affine, registration, seconds = self._to_mome_space(array, affine, modality, name, say)
 
         started = time.perf_counter()
         say("running MoME")
@@ -192,15 +203,11 @@ class MoMESegmenter:
         """
         if labels.shape != array.shape:
             raise ValueError(f"{name}: label shape {labels.shape} differs from the image's {array.shape}.")
-        validate_volume(array, affine, name)
-        array = normalise_intensity(array)
-        registration = register_to_template(array, affine, self.registration_settings, modality, name)
-        image, _ = to_mome_space(array, affine, registration.native_to_template, self.spacing)
+        image, _, registration, _ = self._to_mome_space(array, affine, modality, name, lambda _: None)
         mask, _ = to_mome_space((labels > 0).astype(np.float32), affine, registration.native_to_template, self.spacing)
-        reverse = ReverseSpatialAxes()
         return {
-            "image": self.normalize(reverse(image[None])),
-            "label": reverse((mask > 0.5).float()[None]),
+            "image": self._network_input(image),
+            "label": ReverseSpatialAxes()((mask > 0.5).float()[None]),
             "modality": modality,
             "case": name,
             "registration": registration.to_dict(),
@@ -217,14 +224,10 @@ class MoMESegmenter:
         Raises:
             VolumeRejected: the volume cannot be segmented, or its registration fails its quality checks.
         """
-        validate_volume(array, affine, name)
-        array = normalise_intensity(array)
-        registration = register_to_template(array, affine, self.registration_settings, modality, name)
-        mome, mome_affine = to_mome_space(array, affine, registration.native_to_template, self.spacing)
-        reverse = ReverseSpatialAxes()
-        image = self.normalize(reverse(mome[None]))
-        foreground = self.inferer(image[None].to(self.device), _ExpertForeground(self.network))[0].cpu()
-        brain = reverse(mome[None] != 0)[0]
+        mome, mome_affine, _, _ = self._to_mome_space(array, affine, modality, name, lambda _: None)
+        image = self._network_input(mome)[None].to(self.device)
+        foreground = self.inferer(image, _ExpertForeground(self.network))[0].cpu()
+        brain = ReverseSpatialAxes()(mome[None] != 0)[0]
         spread = foreground.max(0).values - foreground.min(0).values
         ml = voxel_ml(mome_affine)
         lesion_ml = {m: round(float((p[brain] > 0.5).sum()) * ml, 3) for m, p in zip(self.modalities, foreground)}
