@@ -54,6 +54,7 @@ __all__ = ["MoMEInfer", "MoMEPlusInfer", "labels_of"]
 
 logger = logging.getLogger(__name__)
 BAD_REQUEST, UNPROCESSABLE = 400, 422
+_Channels = tuple[dict[str, Any], str, np.ndarray, Any, dict[str, Any]]  # channels, reference, grid, header, record
 
 
 def labels_of(channel_def: dict[str, str]) -> dict[str, int]:
@@ -132,20 +133,24 @@ class MoMEInfer(InferTask):
 
     @staticmethod
     def _modality(request: dict[str, Any], image: Path) -> tuple[str, str]:
-        """The contrast from the request, else from the image name; 400 when neither gives one."""
+        """The contrast from the request, else the image name, else a PACS series' headers; 400 when none gives one."""
         asked = str(request.get("modality") or "").strip().lower()
         if asked:
             if asked not in MODALITIES:
                 raise HTTPException(BAD_REQUEST, f"modality {asked!r}: not one of {', '.join(MODALITIES)}.")
             return asked, "request"
         guessed = guess_modality(image)
-        if guessed is None:
-            raise HTTPException(
-                BAD_REQUEST,
-                f'no modality: pass params {{"modality": ...}} ({", ".join(MODALITIES)}) or name the image '
-                "with a suffix such as _flair.",
-            )
-        return guessed, "image name"
+        if guessed is not None:
+            return guessed, "image name"
+        series = request.get("series")
+        if series and series.get("modality"):
+            return series["modality"], f"series headers (rule {series['routing']['rule']})"
+        routed = f" The series headers say: {series['routing']['reason']}." if series else ""
+        raise HTTPException(
+            BAD_REQUEST,
+            f'no modality: pass params {{"modality": ...}} ({", ".join(MODALITIES)}) or name the image '
+            f"with a suffix such as _flair.{routed}",
+        )
 
 
 def _seconds(stages: dict[str, float], started: float) -> dict[str, float]:
@@ -189,9 +194,40 @@ class MoMEPlusInfer(InferTask):
         return True
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Segments the channels of ``request["image"]``; returns the label file and its record."""
+        """Segments the channels of ``request["image"]`` (or a PACS study's series); returns the label file and its
+        record."""
         started = time.perf_counter()
         image = Path(request["image"])
+        if request.get("study_series"):
+            channels, reference, affine, header, described = self._study_channels(request, image)
+        else:
+            channels, reference, affine, header, described = self._image_channels(request, image)
+        try:
+            result = self.segmenter.segment_channels(channels, reference, None)
+        except bundle.rejections() as error:
+            raise HTTPException(UNPROCESSABLE, str(error)) from None
+        output = _write_label(result.labels, affine, header)
+        record = {
+            "model": "mome_plus",
+            "label_names": dict(self.labels),
+            **described,
+            "reference": reference,
+            "modalities_available": [m for m, available in result.availability.items() if available],
+            "modalities_excluded": dict(result.excluded),
+            **bundle.lesion_summary(result.labels > 0, affine),
+            "region_volume_ml": bundle.region_volumes(result.labels, affine, self.labels),
+            "registration": result.registration.to_dict(),
+            "coregistration": {m: c.to_dict() for m, c in result.coregistration.items()},
+            "inference": result.inference,
+            "bundle": self.segmenter.describe(),
+            "seconds": _seconds(result.seconds, started),
+        }
+        total = record["seconds"]["total"]
+        logger.info("mome_plus (%s): %s mL, %s s", "+".join(channels), record["lesion_volume_ml"], total)
+        return str(output), record
+
+    def _image_channels(self, request: dict[str, Any], image: Path) -> _Channels:
+        """The contrasts stored as the channels of one image (local datastore or upload)."""
         order = self._channel_order(request)
         try:
             array, affine, header = load_channels(image, max_channels=len(self.segmenter.modalities))
@@ -203,36 +239,44 @@ class MoMEPlusInfer(InferTask):
                 f"image has {array.shape[3]} channel(s) but params channels names {len(order)} ({', '.join(order)}).",
             )
         present = [m for i, m in enumerate(order) if np.ptp(array[..., i]) > 0]
+        self._check_enough(present, "the image holds", "(an all-zero channel is missing)")
+        channels = {m: bundle.plus_channel(array[..., order.index(m)], affine, "image", m) for m in present}
+        reference = next(m for m in PLUS_REFERENCE_ORDER if m in channels)
+        return channels, reference, affine, header, {"channels": order}
+
+    def _study_channels(self, request: dict[str, Any], image: Path) -> _Channels:
+        """A PACS study's series, one per contrast (:meth:`label.dicomweb.MoMEDICOMwebDatastore.study_series`); the
+        requested series is the reference, so the label lies on its grid."""
+        requested = request["series"]
+        reference = requested.get("modality")
+        if reference not in self.segmenter.modalities:
+            raise HTTPException(
+                UNPROCESSABLE,
+                f"series {requested['series_uid']} is {reference or 'not an MR contrast MoME reads'} "
+                f"({requested['routing']['reason']}); MoME+ takes a {', '.join(self.segmenter.modalities)} series.",
+            )
+        study = request["study_series"]
+        self._check_enough(list(study), "the study has", "series that pass their checks")
+        channels = {}
+        for modality, series in study.items():
+            array, affine, header = load_volume(Path(series["image"]))
+            name = f"series {series['series_uid']}"
+            channels[modality] = bundle.plus_channel(array, affine, series["frame_of_reference"], name)
+        _, affine, header = load_volume(image)
+        described = {
+            "series": {m: series["series_uid"] for m, series in study.items()},
+            "series_left_out": dict(request.get("series_left_out") or {}),
+        }
+        return channels, reference, affine, header, described
+
+    def _check_enough(self, present: list[str], holds: str, note: str) -> None:
+        """422 unless at least ``MIN_CHANNELS`` of MoME+'s contrasts are ``present``."""
         if len(present) < self.MIN_CHANNELS:
             raise HTTPException(
                 UNPROCESSABLE,
-                f"MoME+ needs at least {self.MIN_CHANNELS} of {', '.join(self.segmenter.modalities)}; the image holds "
-                f"{', '.join(present) or 'none'} (an all-zero channel is missing). For one contrast use mome.",
+                f"MoME+ needs at least {self.MIN_CHANNELS} of {', '.join(self.segmenter.modalities)}; {holds} "
+                f"{', '.join(present) or 'none'} {note}. For one contrast use mome.",
             )
-        channels = {m: bundle.plus_channel(array[..., order.index(m)], affine, "image", m) for m in present}
-        reference = next(m for m in PLUS_REFERENCE_ORDER if m in channels)
-        try:
-            result = self.segmenter.segment_channels(channels, reference, None)
-        except bundle.rejections() as error:
-            raise HTTPException(UNPROCESSABLE, str(error)) from None
-        output = _write_label(result.labels, affine, header)
-        record = {
-            "model": "mome_plus",
-            "label_names": dict(self.labels),
-            "channels": order,
-            "reference": reference,
-            "modalities_available": [m for m, available in result.availability.items() if available],
-            "modalities_excluded": dict(result.excluded),
-            **bundle.lesion_summary(result.labels > 0, affine),
-            "region_volume_ml": bundle.region_volumes(result.labels, affine, self.labels),
-            "registration": result.registration.to_dict(),
-            "inference": result.inference,
-            "bundle": self.segmenter.describe(),
-            "seconds": _seconds(result.seconds, started),
-        }
-        total = record["seconds"]["total"]
-        logger.info("mome_plus (%s): %s mL, %s s", "+".join(present), record["lesion_volume_ml"], total)
-        return str(output), record
 
     def _channel_order(self, request: dict[str, Any]) -> list[str]:
         """The contrast of each channel: the request's ``channels``, else the model's order; 400 when malformed."""

@@ -144,9 +144,13 @@ def build_seg(
     model_version: str,
     segments: SequenceOf[SegmentSpec] = LESION,
     omit_empty_frames: bool = False,
+    reviewed_in: str | None = None,
 ) -> hd.seg.Segmentation:
     """A binary DICOM-SEG of ``labels`` (same (X, Y, Z) shape as ``volume.array``) referencing every source slice;
     one segment per entry of ``segments`` (label value -> segment number, e.g. BraTS sub-regions 1-3).
+
+    ``reviewed_in`` names the tool where a person reviewed or corrected the model's output (e.g. ``MONAI Label``):
+    the segments are then SEMIAUTOMATIC and the series and content descriptions say so; otherwise AUTOMATIC.
 
     Raises:
         ValueError: the label map is not on the source grid, or holds values without a segment.
@@ -168,13 +172,15 @@ def build_seg(
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name, family=codes.DCM.ArtificialIntelligence, version=model_version
     )
+    values = hd.seg.SegmentAlgorithmTypeValues
+    algorithm_type = values.SEMIAUTOMATIC if reviewed_in else values.AUTOMATIC
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=index + 1,
             segment_label=segment.label,
             segmented_property_category=segment.category,
             segmented_property_type=segment.kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=algorithm_type,
             algorithm_identification=algorithm,
         )
         for index, segment in enumerate(segments)
@@ -194,11 +200,16 @@ def build_seg(
         software_versions=model_version,
         device_serial_number="0",
         content_label="LESIONS",
-        content_description="MoME automatic brain lesion segmentation",
-        content_creator_name="MoME^Automatic",
+        content_description=(
+            f"MoME brain lesion segmentation reviewed in {reviewed_in}"
+            if reviewed_in
+            else "MoME automatic brain lesion segmentation"
+        )[:64],
+        content_creator_name="MoME^Reviewed" if reviewed_in else "MoME^Automatic",
         omit_empty_frames=omit_empty_frames,
     )
-    seg.SeriesDescription = f"MoME lesions {model_version} - research use, not for diagnosis"[:64]
+    kind = f"reviewed in {reviewed_in}" if reviewed_in else model_version
+    seg.SeriesDescription = f"MoME lesions {kind} - research use, not for diagnosis"[:64]
     return seg
 
 

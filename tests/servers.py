@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import time
@@ -11,6 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_MISSING = ORTHANC is None or not DICOMWEB_PLUGIN.is_file()  # Debian orthanc + orthanc-dicomweb (.ci/run)
 
 
 def free_port() -> int:
@@ -62,3 +68,29 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeo
 
 def _tail(log_path: Path) -> str:
     return log_path.read_text(errors="replace")[-3000:]
+
+
+@contextmanager
+def running_orthanc(root: Path) -> Iterator[dict[str, object]]:
+    """A real Orthanc (Debian package) with its DICOMweb plugin on loopback ports, its storage under ``root``.
+
+    Yields ``url`` (REST), ``dicomweb`` (``url/dicom-web``) and ``dicom_port`` (DICOM, AE title ORTHANC).
+    """
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "mome-test",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{http_port}"
+    with running_server([ORTHANC or "Orthanc", str(root / "config.json")], f"{url}/system", root / "orthanc.log", 20):
+        yield {"url": url, "dicomweb": f"{url}/dicom-web", "dicom_port": dicom_port}

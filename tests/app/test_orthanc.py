@@ -6,44 +6,21 @@ it. Skipped where Orthanc is not installed.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from servers import free_port, running_server
+from servers import ORTHANC_MISSING, running_orthanc
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-pytestmark = pytest.mark.skipif(
-    ORTHANC is None or not DICOMWEB_PLUGIN.is_file(), reason="Orthanc with its DICOMweb plugin is not installed"
-)
+pytestmark = pytest.mark.skipif(ORTHANC_MISSING, reason="Orthanc with its DICOMweb plugin is not installed")
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    root = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "mome-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{http_port}"
-    with running_server([ORTHANC, str(root / "config.json")], f"{url}/system", root / "orthanc.log", timeout_s=20):
-        yield {"url": url, "dicom_port": dicom_port}
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
 
 
 def _c_store(port: int, paths: list[Path]) -> list[int]:

@@ -6,26 +6,16 @@ The server runs ``monailabel start_server --app label`` in the MONAI Label envir
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from servers import free_port, running_server
+from label_client import dice, infer, label_and_record, label_server
 
-REPO = Path(__file__).resolve().parents[2]
-LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
 SEED = 7  # the demo study's seed (app/demo_study.py)
-
-
-def _dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    prediction, truth = prediction > 0, truth > 0
-    return 2 * float((prediction & truth).sum()) / max(1, int(prediction.sum() + truth.sum()))
 
 
 BRATS_REGIONS = {"whole tumour": (1, 2, 3), "tumour core": (1, 3), "enhancing tumour": (3,)}
@@ -64,37 +54,8 @@ def studies(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def server(studies, tmp_path_factory) -> str:
-    assert LABEL_PYTHON.is_file(), f"{LABEL_PYTHON}: no MONAI Label environment; run `make label`"
-    port = free_port()
-    command = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO / "label")]
-    command += ["--studies", str(studies[0]), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--conf", "bundle", str(REPO / "bundle"), "--conf", "device", "cpu"]
-    command += ["--conf", "model_dir", str(tmp_path_factory.mktemp("label_models"))]
-    env = {**os.environ, "MONAI_LABEL_SESSIONS": "false", "PYTHONPATH": ""}
-    log = tmp_path_factory.mktemp("label_log") / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    with running_server(command, f"{url}/info/", log, timeout_s=240, env=env, cwd=studies[0].parent):
+    with label_server(str(studies[0]), tmp_path_factory.mktemp("label_server")) as url:
         yield url
-
-
-def _infer(
-    server: str, image: str = "", params: dict | None = None, upload: tuple[str, bytes] | None = None, model="mome"
-) -> requests.Response:
-    files = {"file": upload} if upload else None
-    data = {"params": json.dumps(params or {})}
-    return requests.post(f"{server}/infer/{model}", params={"image": image, "output": "all"}, data=data, files=files)
-
-
-def _label_and_record(response: requests.Response, tmp_path: Path) -> tuple[nib.Nifti1Image, dict]:
-    """The label image and the result record of a multipart ``output=all`` answer."""
-    assert response.status_code == 200, response.text[:2000]
-    head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + response.content)
-    parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
-    record = json.loads(parts["params"].get_content())
-    path = tmp_path / "label.nii.gz"
-    path.write_bytes(parts["image"].get_payload(decode=True))
-    return nib.load(path), record
 
 
 def test_info_lists_mome_and_mome_plus_with_their_labels(server):
@@ -108,12 +69,12 @@ def test_info_lists_mome_and_mome_plus_with_their_labels(server):
 
 
 def test_mome_segments_a_native_image_on_its_own_grid(server, studies, tmp_path):
-    image, record = _label_and_record(_infer(server, "demo_flair"), tmp_path)
+    image, record = label_and_record(infer(server, "demo_flair"), tmp_path)
     source = nib.load(studies[0] / "demo_flair.nii.gz")
     assert image.shape == source.shape and image.get_data_dtype() == np.uint8
     np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
     truth = np.asarray(nib.load(studies[1] / "demo_flair.nii.gz").dataobj)
-    assert _dice(np.asarray(image.dataobj), truth) >= 0.7
+    assert dice(np.asarray(image.dataobj), truth) >= 0.7
     assert record["modality"] == "flair" and record["modality_source"] == "image name"
     assert record["label_names"] == {"lesion": 1} and record["lesion_volume_ml"] > 1
     assert record["warnings"] == [] and record["registration"]["brain_dice"] > 0.8 and record["seconds"]["total"] > 0
@@ -121,9 +82,9 @@ def test_mome_segments_a_native_image_on_its_own_grid(server, studies, tmp_path)
 
 def test_an_uploaded_image_takes_its_contrast_from_the_request(server, studies, tmp_path):
     upload = ("scan.nii.gz", (studies[0] / "demo_dwi.nii.gz").read_bytes())
-    image, record = _label_and_record(_infer(server, params={"modality": "dwi"}, upload=upload), tmp_path)
+    image, record = label_and_record(infer(server, params={"modality": "dwi"}, upload=upload), tmp_path)
     truth = np.asarray(nib.load(studies[1] / "demo_dwi.nii.gz").dataobj)
-    assert image.shape == truth.shape and _dice(np.asarray(image.dataobj), truth) >= 0.7
+    assert image.shape == truth.shape and dice(np.asarray(image.dataobj), truth) >= 0.7
     assert record["modality"] == "dwi" and record["modality_source"] == "request"
 
 
@@ -132,11 +93,11 @@ def test_bad_requests_get_a_4xx_naming_the_reason_and_the_server_keeps_serving(s
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((32, 32), np.float32), np.eye(4)), flat)
     cases = [
-        (_infer(server, "no_such_case"), 404, "'no_such_case': not in the datastore"),
-        (_infer(server, "demo_flair", {"modality": "ct"}), 400, "modality 'ct': not one of t1, t1ce, t2, flair, dwi"),
-        (_infer(server, upload=("scan.nii.gz", flair)), 400, "no modality"),
-        (_infer(server, params={"modality": "t1"}, upload=("flat.nii.gz", flat.read_bytes())), 422, "3-D volume"),
-        (_infer(server, params={"modality": "t1"}, upload=("broken.nii.gz", flair[:5000])), 422, "cannot be read"),
+        (infer(server, "no_such_case"), 404, "'no_such_case': not in the datastore"),
+        (infer(server, "demo_flair", {"modality": "ct"}), 400, "modality 'ct': not one of t1, t1ce, t2, flair, dwi"),
+        (infer(server, upload=("scan.nii.gz", flair)), 400, "no modality"),
+        (infer(server, params={"modality": "t1"}, upload=("flat.nii.gz", flat.read_bytes())), 422, "3-D volume"),
+        (infer(server, params={"modality": "t1"}, upload=("broken.nii.gz", flair[:5000])), 422, "cannot be read"),
     ]
     for response, status, reason in cases:
         assert response.status_code == status and reason in response.json()["detail"], response.text[:500]
@@ -144,13 +105,13 @@ def test_bad_requests_get_a_4xx_naming_the_reason_and_the_server_keeps_serving(s
 
 
 def test_mome_plus_segments_the_tumour_regions_of_a_four_channel_image(server, studies, tmp_path):
-    image, record = _label_and_record(_infer(server, "demo_glioma", model="mome_plus"), tmp_path)
+    image, record = label_and_record(infer(server, "demo_glioma", model="mome_plus"), tmp_path)
     source = nib.load(studies[0] / "demo_glioma.nii.gz")
     assert image.shape == source.shape[:3] and image.get_data_dtype() == np.uint8
     np.testing.assert_allclose(image.affine, source.affine, atol=1e-4)
     labels, truth = np.asarray(image.dataobj), np.asarray(nib.load(studies[1] / "demo_glioma.nii.gz").dataobj)
     for region, values in BRATS_REGIONS.items():
-        assert _dice(np.isin(labels, values), np.isin(truth, values)) >= 0.7, region
+        assert dice(np.isin(labels, values), np.isin(truth, values)) >= 0.7, region
     assert record["reference"] == "t1ce" and record["modalities_available"] == ["t1", "t1ce", "t2", "flair"]
     assert set(record["region_volume_ml"]) == {"necrotic_core", "oedema", "enhancing"}
 
@@ -161,10 +122,10 @@ def test_mome_plus_takes_a_subset_of_contrasts_named_by_the_request(server, stud
     path = tmp_path / "pair.nii.gz"
     nib.save(nib.Nifti1Image(pair, glioma.affine), path)
     upload = ("pair.nii.gz", path.read_bytes())
-    response = _infer(server, params={"channels": ["t1ce", "flair"]}, upload=upload, model="mome_plus")
-    image, record = _label_and_record(response, tmp_path)
+    response = infer(server, params={"channels": ["t1ce", "flair"]}, upload=upload, model="mome_plus")
+    image, record = label_and_record(response, tmp_path)
     truth = np.asarray(nib.load(studies[1] / "demo_glioma.nii.gz").dataobj)
-    assert _dice(np.asarray(image.dataobj) > 0, truth > 0) >= 0.7
+    assert dice(np.asarray(image.dataobj) > 0, truth > 0) >= 0.7
     assert record["modalities_available"] == ["t1ce", "flair"] and record["channels"] == ["t1ce", "flair"]
 
 
@@ -176,9 +137,9 @@ def test_mome_plus_bad_requests_name_what_is_wrong(server, studies, tmp_path):
     nib.save(nib.Nifti1Image(one, glioma.affine), path)
     upload = ("one.nii.gz", path.read_bytes())
     cases = [
-        (_infer(server, "demo_glioma", {"channels": ["t1", "ct"]}, model="mome_plus"), 400, "none twice"),
-        (_infer(server, "demo_glioma", {"channels": ["t1", "t2"]}, model="mome_plus"), 422, "4 channel(s) but"),
-        (_infer(server, upload=upload, model="mome_plus"), 422, "holds flair (an all-zero channel is missing)"),
+        (infer(server, "demo_glioma", {"channels": ["t1", "ct"]}, model="mome_plus"), 400, "none twice"),
+        (infer(server, "demo_glioma", {"channels": ["t1", "t2"]}, model="mome_plus"), 422, "4 channel(s) but"),
+        (infer(server, upload=upload, model="mome_plus"), 422, "holds flair (an all-zero channel is missing)"),
     ]
     for response, status, reason in cases:
         assert response.status_code == status and reason in response.json()["detail"], response.text[:500]
@@ -186,7 +147,7 @@ def test_mome_plus_bad_requests_name_what_is_wrong(server, studies, tmp_path):
 
 def test_a_saved_label_fine_tunes_the_served_model_and_the_shipped_one_can_be_restored(server, studies, tmp_path):
     """PUT a label, train (synchronously, a tiny run): the next inference runs on the new weights; restore undoes it."""
-    _, before = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    _, before = label_and_record(infer(server, "demo_dwi"), tmp_path)
     assert before["weights"] == "shipped"
     truth = (studies[1] / "demo_dwi.nii.gz").read_bytes()
     saved = requests.put(
@@ -199,12 +160,12 @@ def test_a_saved_label_fine_tunes_the_served_model_and_the_shipped_one_can_be_re
     stats = trained.json()
     assert stats["cases"] == ["demo_dwi.nii.gz"] and stats["weights"] == "fine-tuned", stats
     assert "demo_flair.nii.gz" not in stats["cases"]  # no final label
-    _, after = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    _, after = label_and_record(infer(server, "demo_dwi"), tmp_path)
     assert after["weights"] == "fine-tuned" and after["sha256"] == stats["sha256"] != before["sha256"]
     assert after["lesion_volume_ml"] != before["lesion_volume_ml"]  # the new weights really run
     restored = requests.post(f"{server}/train/mome", params={"run_sync": True}, json={"restore": True}).json()
     assert restored["restored"] and restored["weights"] == "shipped"
-    _, again = _label_and_record(_infer(server, "demo_dwi"), tmp_path)
+    _, again = label_and_record(infer(server, "demo_dwi"), tmp_path)
     assert again["sha256"] == before["sha256"] and again["lesion_volume_ml"] == before["lesion_volume_ml"]
 
 

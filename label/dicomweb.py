@@ -1,0 +1,342 @@
+"""MONAI Label's DICOMweb datastore (a PACS such as Orthanc) with the operators' DICOM handling.
+
+``monailabel start_server --app label --studies http://pacs/dicom-web`` serves the PACS's MR series: each image id is
+a SeriesInstanceUID. MONAI Label's own DICOMweb datastore is kept for listing, caching and the labelled/unlabelled
+bookkeeping; what touches pixels or geometry is the application's:
+
+* a series is downloaded (WADO-RS) into the cache under names of our own (never the server's UIDs), all or nothing,
+  and read with :mod:`operators.dicom_series` — geometry checked, not assumed; a series that fails the checks is
+  answered with the reason. The image that clients download and that the tasks segment is that volume as NIfTI.
+* its contrast comes from its headers through the operators' modality rules (:mod:`operators.modality_router`);
+* MoME+ takes the study's other series, chosen per contrast as the application chooses them
+  (:func:`operators.study.route_study`);
+* a final label (a client's "submit label") is written as DICOM-SEG on the series' exact grid by the application's
+  writer (:func:`operators.seg_writer.build_seg`, highdicom) and stored in the PACS (STOW-RS). The label must lie on
+  the series grid (any axis order or flip of it): one that does not is refused, not resampled.
+
+MONAI Label's listing filter defaults to CT; this app lists MR series unless ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER``
+names something else. Credentials: ``MONAI_LABEL_DICOMWEB_USERNAME`` / ``MONAI_LABEL_DICOMWEB_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dicomweb_client import DICOMwebClient
+from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import binary_to_image
+from monailabel.interfaces.datastore import DefaultLabelTag
+from nibabel import orientations
+from pydicom.dataset import Dataset
+
+from app.nifti_io import save_nifti
+from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
+from operators.modality_router import SeriesHeader, classify, load_rules
+from operators.seg_writer import build_seg, segments_for
+from operators.study import route_study
+from operators.study_loader import read_pixels, scan_studies
+from operators.text import printable
+
+__all__ = ["DicomSeries", "ImageNotFound", "MoMEDICOMwebDatastore", "label_on_grid", "series_channel_def"]
+
+logger = logging.getLogger(__name__)
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+MONAI_LABEL_DEFAULT_FILTER = {"Modality": "CT"}
+MR_FILTER = {"Modality": "MR"}
+GRID_TOLERANCE = 0.1  # largest distance between label and series voxel centres, as a fraction of the smallest voxel
+UNPROCESSABLE = 422
+
+
+class ImageNotFound(LookupError):
+    """The image id is not a series of the PACS."""
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A PACS series as the tasks see it: its NIfTI on the series grid, and what its headers say."""
+
+    series_uid: str
+    study_uid: str
+    image: Path
+    modality: str | None
+    routing: dict[str, Any]
+    frame_of_reference: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, for a request (``image`` as a string)."""
+        return {**self.__dict__, "image": str(self.image)}
+
+
+class MoMEDICOMwebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore, reading and writing DICOM with the application's operators.
+
+    Args:
+        client: the DICOMweb client of the PACS.
+        search_filter: QIDO-RS filter of the series listed (MONAI Label's CT default becomes MR).
+        cache_path: the cache folder (default MONAI Label's, under the home folder).
+        label_names: label value -> class name for each model, to name the segments of a label uploaded without
+            names (the first whose values cover the label's).
+    """
+
+    def __init__(
+        self,
+        client: DICOMwebClient,
+        search_filter: Mapping[str, Any],
+        cache_path: str | None,
+        label_names: Sequence[Mapping[int, str]] = (),
+    ) -> None:
+        search_filter = dict(search_filter)
+        if search_filter == MONAI_LABEL_DEFAULT_FILTER:
+            search_filter = dict(MR_FILTER)
+        super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=True)
+        self.rules = load_rules()
+        self.label_names = [dict(names) for names in label_names]
+        self._loading = threading.Lock()
+
+    # -- images ------------------------------------------------------------------------------------------------------
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The series as NIfTI on its own grid (downloaded and converted on first use)."""
+        return str(self.series(image_id).image)
+
+    def series(self, image_id: str) -> DicomSeries:
+        """The series ``image_id`` downloaded, checked and converted (cached), with its routing.
+
+        Raises:
+            ImageNotFound: ``image_id`` is not a UID or not a series of the PACS.
+            SeriesRejected: the series is not one usable MR volume (the reason names the check).
+        """
+        series_uid = _checked_uid(image_id)
+        with self._loading:
+            folder = self._series_folder(series_uid)
+            headers = _headers(folder, series_uid)
+            image = Path(self._datastore.image_path()) / f"{series_uid}.nii.gz"
+            if not image.is_file():
+                self._convert(folder, headers, series_uid)
+        first = headers[0]
+        header = SeriesHeader.from_dataset(first, n_instances=len(headers) if len(headers) > 1 else None)
+        decision = classify(header, self.rules)
+        routing = {**decision.to_dict(), "description": printable(decision.description)}
+        reference = getattr(first, "FrameOfReferenceUID", None)
+        study_uid = str(first.StudyInstanceUID)
+        return DicomSeries(series_uid, study_uid, image, decision.modality, routing, str(reference or "") or None)
+
+    def study_series(self, image_id: str, modalities: Sequence[str]) -> tuple[dict[str, DicomSeries], dict[str, str]]:
+        """The series of ``image_id``'s study to segment together, one per contrast in ``modalities``.
+
+        ``image_id`` stands for its own contrast; the others are chosen as the application chooses them. A series
+        that fails its checks is left out (the next of its contrast is tried).
+
+        Returns:
+            The chosen series by contrast, and the series left out with the reason.
+        """
+        requested = self.series(image_id)
+        listed = self._client.search_for_series(requested.study_uid, search_filters=dict(MR_FILTER))
+        uids = [str(Dataset.from_json(item).SeriesInstanceUID) for item in listed]
+        with self._loading:
+            headers = {uid: _headers(self._series_folder(uid), uid) for uid in uids if uid != requested.series_uid}
+        work = route_study(requested.study_uid, headers, self.rules, modalities)
+        chosen = {requested.modality: requested} if requested.modality in modalities else {}
+        left_out: dict[str, str] = {}
+        for task in work.tasks:
+            if task.modality in chosen:
+                continue
+            for candidate in [task, *task.alternatives]:
+                try:
+                    chosen[task.modality] = self.series(candidate.header.series_uid)
+                    break
+                except SeriesRejected as error:
+                    left_out[candidate.header.series_uid] = str(error)
+        return chosen, left_out
+
+    def _series_folder(self, series_uid: str) -> Path:
+        """The series' cache folder, downloaded first when absent (all instances or nothing)."""
+        folder = Path(self._datastore.image_path()) / series_uid
+        if folder.is_dir():
+            return folder
+        matches = [
+            Dataset.from_json(item)
+            for item in self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+        ]
+        matches = [ds for ds in matches if str(ds.get("SeriesInstanceUID", "")) == series_uid]
+        if not matches:
+            raise ImageNotFound(f"image {series_uid!r}: not a series of {self._client.base_url}.")
+        study_uid = str(matches[0].StudyInstanceUID)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
+        try:
+            for index, instance in enumerate(self._client.retrieve_series(study_uid, series_uid)):
+                instance.save_as(staging / f"{index:05d}.dcm", write_like_original=False)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("series %s: downloaded", series_uid)
+        return folder
+
+    def _convert(self, folder: Path, headers: list[Any], series_uid: str) -> None:
+        """Checks the series' geometry and adds it to the local datastore as NIfTI (MONAI Label's bookkeeping)."""
+        volume = _volume(headers, series_uid)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as staging:
+            converted = Path(staging) / f"{series_uid}.nii.gz"
+            save_nifti(volume.array, volume.affine, converted)
+            LocalDatastore.add_image(self, series_uid, str(converted), _series_info(headers[0]))
+
+    def _dicom_info(self, series_id: str) -> dict[str, Any]:
+        """The image/label info MONAI Label records, without patient identifiers."""
+        return _series_info(_headers(Path(self._datastore.image_path()) / _checked_uid(series_id), series_id)[0])
+
+    # -- labels ------------------------------------------------------------------------------------------------------
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+    ) -> str:
+        """Keeps the label in the cache, and stores a final label in the PACS as DICOM-SEG on the series grid."""
+        series = self.series(image_id)
+        converted = ""
+        if label_filename.endswith(".bin"):  # OHIF sends a raw label on the image grid
+            converted = label_filename = binary_to_image(str(series.image), label_filename)
+        try:
+            info = dict(label_info)
+            if label_tag == DefaultLabelTag.FINAL:
+                info.update(self._store_seg(series, Path(label_filename), info))
+            return LocalDatastore.save_label(self, series.series_uid, label_filename, label_tag, info)
+        finally:
+            if converted:
+                Path(converted).unlink(missing_ok=True)
+
+    def _store_seg(self, series: DicomSeries, label_file: Path, label_info: Mapping[str, Any]) -> dict[str, Any]:
+        """Writes the label as DICOM-SEG on the series' source instances and stores it in the PACS (STOW-RS)."""
+        folder = self._series_folder(series.series_uid)
+        volume = _volume(_headers(folder, series.series_uid), series.series_uid)
+        labels = label_on_grid(label_file, volume)
+        channel_def = series_channel_def(labels, label_info, self.label_names)
+        try:
+            seg = build_seg(
+                volume, labels, "MoME", _version(label_info), segments_for(channel_def), reviewed_in="MONAI Label"
+            )
+        except ValueError as error:
+            raise HTTPException(UNPROCESSABLE, f"label of series {series.series_uid}: {error}") from None
+        self._client.store_instances([seg])
+        logger.info("series %s: label stored as DICOM-SEG %s", series.series_uid, seg.SeriesInstanceUID)
+        return {
+            "SeriesInstanceUID": str(seg.SeriesInstanceUID),
+            "SOPInstanceUID": str(seg.SOPInstanceUID),
+            "StudyInstanceUID": series.study_uid,
+            "ReferencedSeriesInstanceUID": series.series_uid,
+            "segments": {name: int(value) for value, name in channel_def.items() if name != "background"},
+        }
+
+
+def _checked_uid(image_id: str) -> str:
+    """``image_id`` when it is a DICOM UID (it names cache folders: nothing else may)."""
+    if not isinstance(image_id, str) or len(image_id) > UID_MAX_LENGTH or not UID.match(image_id):
+        raise ImageNotFound(f"image {str(image_id)[:80]!r}: not a SeriesInstanceUID.")
+    return image_id
+
+
+def _headers(folder: Path, series_uid: str) -> list[Any]:
+    """The headers of the series' instances in ``folder`` (pixels not read)."""
+    found = scan_studies(folder).studies
+    instances = [ds for study in found.values() for uid, series in study.items() if uid == series_uid for ds in series]
+    if not instances:
+        raise SeriesRejected(f"series {series_uid}: the PACS sent no image instance of it.")
+    return instances
+
+
+def _volume(headers: list[Any], series_uid: str) -> SeriesVolume:
+    """The checked volume of the series (:func:`operators.dicom_series.series_to_volume`)."""
+    return series_to_volume(read_pixels(headers, f"series {series_uid}"))
+
+
+def _series_info(ds: Any) -> dict[str, Any]:
+    """What MONAI Label shows about a series: UIDs, modality, number and description (no patient identifiers)."""
+    return {
+        "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+        "StudyInstanceUID": str(ds.StudyInstanceUID),
+        "Modality": str(getattr(ds, "Modality", "") or "UNK"),
+        "SeriesNumber": str(getattr(ds, "SeriesNumber", "") or ""),
+        "SeriesDescription": printable(str(getattr(ds, "SeriesDescription", "") or "")),
+    }
+
+
+def _version(label_info: Mapping[str, Any]) -> str:
+    """The bundle version that made the label, when the label came from an inference; else ``unknown``."""
+    bundle = (label_info.get("params") or {}).get("bundle") or {}
+    return str(bundle.get("version") or "unknown")
+
+
+def label_on_grid(label_file: Path, volume: SeriesVolume) -> np.ndarray:
+    """The label map of ``label_file`` on the series grid, as uint8 (X, Y, Z) like ``volume.array``.
+
+    The label may store the grid in another axis order or direction (3D Slicer writes RAS); it is reordered, never
+    resampled. A label on another grid, with non-integer or negative values is refused (422).
+    """
+    from monai.transforms import LoadImage  # NIfTI and NRRD (ITK), affine in RAS
+
+    try:
+        image = LoadImage(image_only=True)(str(label_file))
+    except Exception as error:  # the readers raise several types for corrupt files
+        raise HTTPException(UNPROCESSABLE, f"label: cannot be read ({type(error).__name__}).") from None
+    data = np.asarray(image).squeeze()
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if data.ndim != 3:
+        raise HTTPException(UNPROCESSABLE, f"label: expected one 3-D label map, got shape {data.shape}.")
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.io_orientation(volume.affine)
+    )
+    reordered = orientations.apply_orientation(data, transform)
+    reordered_affine = affine @ orientations.inv_ornt_aff(transform, data.shape)
+    if reordered.shape != volume.array.shape or _grid_distance(reordered_affine, volume) > GRID_TOLERANCE:
+        raise HTTPException(
+            UNPROCESSABLE,
+            f"label: not on the grid of series {volume.series_uid} ({reordered.shape} vs {volume.array.shape}); "
+            "export it on the image's geometry (it is never resampled).",
+        )
+    if not np.all(np.isfinite(reordered)) or (reordered < 0).any() or not np.all(reordered == np.round(reordered)):
+        raise HTTPException(UNPROCESSABLE, "label: values must be non-negative integers.")
+    return reordered.astype(np.uint8)
+
+
+def _grid_distance(affine: np.ndarray, volume: SeriesVolume) -> float:
+    """Largest distance between the two grids' corner voxel centres, in units of the smallest voxel size."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.array.shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    distance = np.linalg.norm((affine - volume.affine)[:3] @ corners, axis=0).max()
+    return float(distance / np.linalg.norm(volume.affine[:3, :3], axis=0).min())
+
+
+def series_channel_def(
+    labels: np.ndarray, label_info: Mapping[str, Any], known: Sequence[Mapping[int, str]]
+) -> dict[str, str]:
+    """The classes of a label map (value -> name) for its DICOM-SEG segments.
+
+    Names come from the label's info: an inference's ``params.label_names`` (name -> value), or a client's
+    ``label_info`` list (3D Slicer: segment names in label-value order); else from the first of the models'
+    classes (``known``) that covers the label's values.
+    """
+    names = (label_info.get("params") or {}).get("label_names")
+    if names:
+        by_value = {int(value): str(name) for name, value in names.items()}
+    elif label_info.get("label_info"):
+        by_value = {
+            index + 1: str(item.get("name") or f"segment {index + 1}")
+            for index, item in enumerate(label_info["label_info"])
+        }
+    else:
+        present = {int(v) for v in np.unique(labels)} - {0}
+        by_value = next(
+            (dict(k) for k in known if present <= set(k)),
+            {v: f"segment {v}" for v in range(1, max(present, default=1) + 1)},
+        )
+    return {"0": "background", **{str(value): name for value, name in sorted(by_value.items())}}
