@@ -20,6 +20,7 @@ names something else. Credentials: ``MONAI_LABEL_DICOMWEB_USERNAME`` / ``MONAI_L
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import shutil
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
@@ -161,9 +163,10 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
                     left_out[candidate.header.series_uid] = str(error)
         return chosen, left_out
 
-    def _series_folder(self, series_uid: str) -> Path:
-        """The series' cache folder, downloaded first when absent (all instances or nothing)."""
-        folder = Path(self._datastore.image_path()) / series_uid
+    def _series_folder(self, series_uid: str, parent: str | None = None) -> Path:
+        """The series' cache folder (in ``parent``, default the image folder), downloaded first when absent (all
+        instances or nothing)."""
+        folder = Path(parent or self._datastore.image_path()) / series_uid
         if folder.is_dir():
             return folder
         matches = [
@@ -174,6 +177,7 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         if not matches:
             raise ImageNotFound(f"image {series_uid!r}: not a series of {self._client.base_url}.")
         study_uid = str(matches[0].StudyInstanceUID)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
         try:
             for index, instance in enumerate(self._client.retrieve_series(study_uid, series_uid)):
@@ -197,6 +201,36 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         return _series_info(_headers(Path(self._datastore.image_path()) / _checked_uid(series_id), series_id)[0])
 
     # -- labels ------------------------------------------------------------------------------------------------------
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A label file on the image grid. A final label not saved here (a DICOM-SEG another tool stored in the PACS,
+        ``label_id`` its SeriesInstanceUID) is read with highdicom onto the series grid; the one saved here wins."""
+        local = LocalDatastore.get_label_uri(self, image_id or label_id, label_tag)
+        if label_tag != DefaultLabelTag.FINAL or not image_id or (local and Path(local).is_file()):
+            return local
+        series = self.series(image_id)
+        with self._loading:
+            image_folder = self._series_folder(series.series_uid)
+            seg_folder = self._series_folder(_checked_uid(label_id), self._datastore.label_path(label_tag))
+        volume = _volume(_headers(image_folder, series.series_uid), series.series_uid)
+        labels = _seg_on_grid(_headers(seg_folder, label_id), volume, label_id)
+        with tempfile.TemporaryDirectory(dir=seg_folder.parent) as staging:
+            converted = Path(staging) / f"{series.series_uid}.nii.gz"
+            save_nifti(labels, volume.affine, converted)
+            info = {"SeriesInstanceUID": label_id, "ReferencedSeriesInstanceUID": series.series_uid, "from": "PACS"}
+            LocalDatastore.save_label(self, series.series_uid, str(converted), label_tag, info)
+        logger.info("series %s: final label read from DICOM-SEG %s", series.series_uid, label_id)
+        return LocalDatastore.get_label_uri(self, series.series_uid, label_tag)
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """The labelled series (final labels, from the PACS too), each with its contrast from its headers."""
+        items = super().datalist(full_path)
+        for item in items:
+            try:
+                item["modality"] = self.series(_image_id(item["image"])).modality
+            except (ImageNotFound, SeriesRejected) as error:
+                item["modality_error"] = str(error)
+        return items
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
@@ -243,6 +277,51 @@ def _checked_uid(image_id: str) -> str:
     if not isinstance(image_id, str) or len(image_id) > UID_MAX_LENGTH or not UID.match(image_id):
         raise ImageNotFound(f"image {str(image_id)[:80]!r}: not a SeriesInstanceUID.")
     return image_id
+
+
+def _image_id(path: str) -> str:
+    """The image id (SeriesInstanceUID) of a datastore image file ``<uid>.nii.gz``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(path).stem
+
+
+def _seg_on_grid(headers: list[Any], volume: SeriesVolume, seg_uid: str) -> np.ndarray:
+    """A DICOM-SEG's segments as a label map (segment numbers) on the series grid; 422 when it is not on it."""
+    import highdicom as hd
+
+    if len(headers) != 1:
+        raise HTTPException(UNPROCESSABLE, f"DICOM-SEG series {seg_uid}: expected one instance, got {len(headers)}.")
+    try:
+        seg = hd.seg.Segmentation.from_dataset(_segment_per_frame(pydicom.dcmread(headers[0].filename)))
+        if volume.frames is None:
+            uids = [str(ds.SOPInstanceUID) for ds in volume.instances]
+            frames = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+        else:
+            numbers = [int(frame) + 1 for frame in volume.frames]
+            frames = seg.get_pixels_by_source_frame(
+                str(volume.instances[0].SOPInstanceUID), numbers, combine_segments=True
+            )
+    except (ValueError, KeyError, AttributeError) as error:
+        raise HTTPException(
+            UNPROCESSABLE, f"DICOM-SEG series {seg_uid}: not a label map of series {volume.series_uid} ({error})."
+        ) from None
+    return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0)).astype(np.uint8)
+
+
+def _segment_per_frame(ds: Dataset) -> Dataset:
+    """The SEG with its Segment Identification in every frame's functional groups.
+
+    A SEG with one segment may keep it in the shared groups (highdicom 0.23 and later write it so); the highdicom
+    that runs with pydicom 2 (0.22) reads it per frame only. The meaning is the same.
+    """
+    shared = (getattr(ds, "SharedFunctionalGroupsSequence", None) or [None])[0]
+    if shared is None or "SegmentIdentificationSequence" not in shared:
+        return ds
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        if "SegmentIdentificationSequence" not in frame:
+            frame.SegmentIdentificationSequence = copy.deepcopy(shared.SegmentIdentificationSequence)
+    del shared.SegmentIdentificationSequence
+    return ds
 
 
 def _headers(folder: Path, series_uid: str) -> list[Any]:

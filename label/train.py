@@ -7,7 +7,8 @@ bundle's shipped weights stay untouched, and ``{"restore": true}`` serves them a
 
 Request parameters (``POST /train/mome``, ``params``): ``epochs``, ``iterations_per_epoch``, ``learning_rate`` (see
 :class:`scripts.finetune.FineTuning`), ``restore``. A labelled image needs its contrast in its name (``_flair``...)
-or in the request's ``modality``; images without one are skipped and listed with the reason.
+or in the request's ``modality`` (a PACS series: its headers, see :mod:`label.dicomweb`); images without one are
+skipped and listed with the reason.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class MoMETrain(TrainTask):
         cases, skipped = [], {}
         for item in datalist:
             image, label = Path(item["image"]), Path(item["label"])
-            contrast = guess_modality(image) or modality
+            contrast = guess_modality(image) or item.get("modality") or modality
             if contrast is None:
                 skipped[image.name] = "no contrast in the name (e.g. _flair) nor in the request's modality"
                 continue

@@ -9,6 +9,7 @@ the MONAI Label environment the tests fail.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
@@ -122,8 +123,7 @@ def test_a_submitted_label_is_stored_in_the_pacs_as_dicom_seg_on_the_series_grid
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == _uid(demo, "flair")
     assert seg.SegmentSequence[0].SegmentLabel == "Lesion"
     assert seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
-    (headers,) = scan_studies(demo["folders"]["flair"]).studies.values()
-    volume = series_to_volume(read_pixels(next(iter(headers.values())), "flair"))
+    volume = _series_volume(demo, "flair")
     np.testing.assert_allclose(volume.affine, truth.affine, atol=1e-3)
     frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in volume.instances], combine_segments=True)
     np.testing.assert_array_equal(frames, labels.transpose(2, 1, 0))
@@ -131,6 +131,36 @@ def test_a_submitted_label_is_stored_in_the_pacs_as_dicom_seg_on_the_series_grid
         path = tmp_path / "seg.dcm"
         stored.save_as(path)
         assert dciodvfy_errors(path) == []
+
+
+def _series_volume(demo: dict, modality: str):
+    (headers,) = scan_studies(demo["folders"][modality]).studies.values()
+    return series_to_volume(read_pixels(next(iter(headers.values())), modality))
+
+
+def test_labels_in_the_pacs_fine_tune_the_served_model(server, demo, pacs):
+    """A DICOM-SEG another tool stored (here: the application's writer) is read onto its series' grid; training takes
+    the PACS's labelled series, each with its contrast from its headers (after the submitted FLAIR label above)."""
+    from operators.seg_writer import build_seg
+
+    truth = np.asarray(_truth(demo, "t2").dataobj).astype(np.uint8)
+    pacs["client"].store_instances([build_seg(_series_volume(demo, "t2"), truth, "another tool", "1")])
+    datalist = requests.get(f"{server}/datastore/", params={"output": "train"}).json()
+    assert isinstance(datalist, list), datalist
+    by_series = {Path(item["image"]).name.split(".nii")[0]: item for item in datalist}
+    assert set(by_series) == {_uid(demo, "flair"), _uid(demo, "t2")}
+    t2 = by_series[_uid(demo, "t2")]
+    assert t2["modality"] == "t2" and by_series[_uid(demo, "flair")]["modality"] == "flair"
+    np.testing.assert_array_equal(np.asarray(nib.load(t2["label"]).dataobj), truth)
+
+    params = {"epochs": 1, "iterations_per_epoch": 2, "learning_rate": 1e-3}
+    trained = requests.post(f"{server}/train/mome", params={"run_sync": True}, json=params)
+    assert trained.status_code == 200, trained.text[:2000]
+    stats = trained.json()
+    assert sorted(stats["cases"]) == sorted(f"{_uid(demo, m)}.nii.gz" for m in ("flair", "t2")), stats
+    assert stats["weights"] == "fine-tuned" and stats["skipped"] == {}
+    restored = requests.post(f"{server}/train/mome", params={"run_sync": True}, json={"restore": True}).json()
+    assert restored["weights"] == "shipped"
 
 
 def test_bad_requests_get_a_4xx_and_nothing_is_stored(server, demo, pacs, tmp_path):
