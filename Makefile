@@ -30,7 +30,7 @@ demo: $(STAMP)
 
 # MONAI Label (label/): its own venv, as MONAI Label 0.8.5 needs pydicom 2 and the application pydicom 3. sam2 (a
 # MONAI Label dependency that MoME does not use) is built against the installed CPU torch, without CUDA.
-# `make label-serve STUDIES=DIR [PORT=8000]` serves the MoME tasks to 3D Slicer / OHIF on 127.0.0.1.
+# `make label-serve STUDIES=DIR|DICOMWEB_URL [PORT=8000]` serves the MoME tasks to 3D Slicer / OHIF on 127.0.0.1.
 PORT ?= 8000
 .PHONY: label label-serve bench-label
 
@@ -44,12 +44,12 @@ $(LABEL_STAMP): label/requirements.txt
 	$(LABEL_PY) -m pip install --quiet -r label/requirements.txt
 	@touch $(LABEL_STAMP)
 
-# bench-label: the MONAI Label tasks over HTTP, median of 3 per task (~3 min); bench/results/label_latency.md.
+# bench-label: the MONAI Label tasks over HTTP (a folder and, with Orthanc, a DICOMweb datastore), median of 3 per task (~5 min); bench/results/label_latency.md.
 bench-label: $(STAMP) $(LABEL_STAMP)
 	$(RUN_ENV) $(PY) bench/label_latency.py --repeats $(BENCH_REPEATS)
 
 label-serve: $(LABEL_STAMP)
-	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR [PORT=8000]" >&2; exit 2; }
+	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR|DICOMWEB_URL [PORT=8000]" >&2; exit 2; }
 	MONAI_LABEL_SESSIONS=false PYTHONPATH="$(CURDIR)" $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \
 		--host 127.0.0.1 --port $(PORT) --conf bundle "$(CURDIR)/bundle"
 

@@ -12,7 +12,8 @@ CPU torch. The pipeline needs neither.
 ``mome`` request parameters (``params`` of ``POST /infer/mome``):
 
 * ``modality``: ``t1``, ``t1ce``, ``t2``, ``flair`` or ``dwi`` — picks the registration template's contrast. Default:
-  the image name's suffix (``case_flair.nii.gz``). An image with neither is answered 400, naming what is missing.
+  the image name's suffix (``case_flair.nii.gz``), else for a PACS series (:mod:`label.dicomweb`) its headers through
+  the modality rules. An image with none is answered 400, naming what is missing.
 * ``tta``: mirror test-time augmentation (8 network passes).
 
 ``mome_plus`` takes one multi-channel NIfTI (X, Y, Z, C): co-registered contrasts of one study on one grid, at least
@@ -22,6 +23,10 @@ registers the reference channel (T1ce first, then T1, FLAIR, T2) to the template
 
 * ``channels``: the contrast of each channel in order, e.g. ``["t1ce", "flair"]``; default the model's order
   (``t1, t1ce, t2, flair``), which then needs four channels.
+
+On a PACS series, ``mome_plus`` takes the study's series instead (``study_series``, one per contrast, chosen by the
+datastore as the application chooses them), each registered to the requested series, which is the reference: the
+label lies on its grid.
 
 Bad input is answered with a 4xx status and the reason (a file that is not one 3-D NIfTI volume, or whose
 registration fails its quality checks: 422); the server keeps serving.

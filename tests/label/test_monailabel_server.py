@@ -7,6 +7,7 @@ The server runs ``monailabel start_server --app label`` in the MONAI Label envir
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -167,6 +168,22 @@ def test_a_saved_label_fine_tunes_the_served_model_and_the_shipped_one_can_be_re
     assert restored["restored"] and restored["weights"] == "shipped"
     _, again = label_and_record(infer(server, "demo_dwi"), tmp_path)
     assert again["sha256"] == before["sha256"] and again["lesion_volume_ml"] == before["lesion_volume_ml"]
+
+
+def test_training_in_the_background_as_clients_start_it(server, tmp_path):
+    """3D Slicer starts training without run_sync: MONAI Label runs the task in a subprocess of the app; when it is
+    done, the server's next inference runs on the weights it wrote."""
+    params = {"epochs": 1, "iterations_per_epoch": 2, "learning_rate": 1e-3}
+    started = requests.post(f"{server}/train/mome", json=params)
+    assert started.status_code == 200, started.text[:2000]
+    deadline = time.monotonic() + 600
+    while (task := requests.get(f"{server}/train/").json())["status"] == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(2)
+    assert task["status"] == "DONE", task
+    _, after = label_and_record(infer(server, "demo_dwi"), tmp_path)
+    assert after["weights"] == "fine-tuned"
+    restored = requests.post(f"{server}/train/mome", params={"run_sync": True}, json={"restore": True}).json()
+    assert restored["weights"] == "shipped"
 
 
 def test_active_learning_offers_the_unlabelled_image_whose_experts_disagree_most(server):
