@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-import requests
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -44,6 +39,7 @@ sys.path.insert(0, str(REPO / "tests" / "label"))
 sys.path.insert(0, str(REPO))
 
 from cpu_profiles import machine_facts  # noqa: E402
+from label_client import infer, label_and_record, label_server  # noqa: E402
 from servers import ORTHANC_MISSING, running_orthanc  # noqa: E402
 
 from scripts.synthetic import PLUS_MODALITIES, generate_dataset  # noqa: E402
@@ -51,15 +47,31 @@ from scripts.synthetic import PLUS_MODALITIES, generate_dataset  # noqa: E402
 SEED = 7  # the demo study's
 
 
+BRATS_REGIONS = {"whole": (1, 2, 3), "core": (1, 3), "enhancing": (3,), "oedema": (2,), "necrotic": (1,)}
+
+
+def dice_scores(labels: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Dice of the lesion (binary truth), or of each BraTS region (truth with labels 1-3)."""
+    regions = BRATS_REGIONS if truth.max() > 1 else {"lesion": (1, 2, 3)}
+    scores = {}
+    for region, values in regions.items():
+        prediction, expected = np.isin(labels, values), np.isin(truth, values)
+        scores[region] = round(2 * float((prediction & expected).sum()) / max(1, prediction.sum() + expected.sum()), 3)
+    return scores
+
+
 def make_studies(root: Path) -> Path:
-    """The demo study's FLAIR and its glioma's four contrasts as one 4-channel image, in a studies folder."""
-    studies = root / "studies"
+    """The demo study's FLAIR and its glioma's four contrasts as one 4-channel image, in a studies folder; their
+    truths in ``root/truth``."""
+    studies, truth = root / "studies", root / "truth"
     studies.mkdir(parents=True)
+    truth.mkdir()
     made = generate_dataset(
         root / "flair", 1, seed=SEED, spacing=2.0, modalities=["flair"], lesion_weights={"glioma": 1.0}, native=True
     )
     (entry,) = json.loads(made.read_text())["training"]
     (root / "flair" / entry["image"]).rename(studies / "demo_flair.nii.gz")
+    (root / "flair" / entry["label"]).rename(truth / "demo_flair.nii.gz")
     made = generate_dataset(
         root / "glioma", 1, seed=SEED, spacing=2.0, modalities=list(PLUS_MODALITIES), lesion_weights={"glioma": 1.0},
         multichannel=True, label_scheme="brats",
@@ -68,43 +80,21 @@ def make_studies(root: Path) -> Path:
     channels = [nib.load(root / "glioma" / image) for image in entry["image"]]
     stacked = np.stack([np.asarray(c.dataobj, np.float32) for c in channels], axis=-1)
     nib.save(nib.Nifti1Image(stacked, channels[0].affine), studies / "demo_glioma.nii.gz")
+    (root / "glioma" / entry["label"]).rename(truth / "demo_glioma.nii.gz")
     return studies
 
 
-def start_server(studies: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
-    """The server on a free loopback port; returns it, its URL and the seconds until ``/info/`` answered."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(REPO / "label")]
-    command += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "device", "cpu"]
-    env = {**os.environ, "MONAI_LABEL_SESSIONS": "false", "PYTHONPATH": ""}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=studies.parent)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - started < 300:
-        try:
-            urllib.request.urlopen(f"{url}/info/", timeout=2).read()
-            return process, url, time.perf_counter() - started
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"the MONAI Label server did not start; see {log}")
-
-
-def time_task(url: str, task: str, image: str, repeats: int, shown: str = "") -> dict[str, Any]:
-    """A first request, then ``repeats`` timed ones; the last one's result record (``shown``: the image's name)."""
+def time_task(url: str, task: str, image: str, repeats: int, truth: Path, shown: str = "") -> dict[str, Any]:
+    """A first request, then ``repeats`` timed ones; the last one's result record and its Dice against ``truth``
+    (``shown``: the image's name in the table)."""
     seconds = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        query = {"image": image, "output": "json"}
-        response = requests.post(f"{url}/infer/{task}", params=query, data={"params": "{}"})
-        response.raise_for_status()
-        seconds.append(time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            label, record = label_and_record(infer(url, image, model=task), Path(folder))
+            seconds.append(time.perf_counter() - started)
+        labels = np.asarray(label.dataobj)
     first, seconds = seconds[0], seconds[1:]
-    record = response.json()
     return {
         "task": task,
         "image": shown or image,
@@ -113,6 +103,7 @@ def time_task(url: str, task: str, image: str, repeats: int, shown: str = "") ->
         "median_s": round(statistics.median(seconds), 2),
         "server_stage_s": record["seconds"],
         "lesion_volume_ml": record["lesion_volume_ml"],
+        "dice": dice_scores(labels, np.asarray(nib.load(truth).dataobj)),
     }
 
 
@@ -120,7 +111,6 @@ def time_dicomweb(root: Path, repeats: int) -> list[dict[str, Any]]:
     """The demo study in a real Orthanc, a server on it: ``mome`` on the FLAIR series, ``mome_plus`` on the T1ce."""
     import pydicom
     from dicomweb_client.api import DICOMwebClient
-    from label_client import label_server
 
     from app.demo_study import make_demo_study
 
@@ -131,17 +121,13 @@ def time_dicomweb(root: Path, repeats: int) -> list[dict[str, Any]]:
         DICOMwebClient(url=str(orthanc["dicomweb"])).store_instances([pydicom.dcmread(path) for path in files])
         env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}
         with label_server(str(orthanc["dicomweb"]), root, env) as url:
-            series = study["series"]
-            return [
-                {
-                    "datastore": "DICOMweb",
-                    **time_task(url, "mome", series["flair"]["series_uid"], repeats, "FLAIR series"),
-                },
-                {
-                    "datastore": "DICOMweb",
-                    **time_task(url, "mome_plus", series["t1ce"]["series_uid"], repeats, "T1ce series"),
-                },
-            ]
+            rows = []
+            for task, modality in (("mome", "flair"), ("mome_plus", "t1ce")):
+                series = study["series"][modality]
+                truth = root / "demo" / "nifti" / series["label"]
+                timed = time_task(url, task, series["series_uid"], repeats, truth, f"{modality} series")
+                rows.append({"datastore": "DICOMweb", **timed})
+            return rows
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -153,15 +139,15 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"torch {machine['torch']}. Server start (process to first `/info/` answer): {results['server_start_s']} s.",
         "",
         "| datastore | task | image | first request s | median s (of 3, client side) | runs | registration s | "
-        "network s |",
-        "|---|---|---|---|---|---|---|---|",
+        "network s | Dice |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["tasks"]:
         stages = row["server_stage_s"]
         lines.append(
             f"| {row['datastore']} | {row['task']} | {row['image']} | {row['first_s']} | {row['median_s']} | "
             f"{', '.join(map(str, row['seconds']))} | {stages.get('registration', '-')} | "
-            f"{stages.get('network', '-')} |"
+            f"{stages.get('network', '-')} | {', '.join(f'{k} {v}' for k, v in row['dice'].items())} |"
         )
     lines += [
         "",
@@ -182,15 +168,14 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mome-label-bench-") as folder:
         studies = make_studies(Path(folder))
-        process, url, start_s = start_server(studies, Path(folder) / "server.log")
-        try:
+        truths = Path(folder) / "truth"
+        started = time.perf_counter()
+        with label_server(str(studies), Path(folder)) as url:
+            start_s = time.perf_counter() - started
             tasks = [
-                {"datastore": "folder", **time_task(url, "mome", "demo_flair", args.repeats)},
-                {"datastore": "folder", **time_task(url, "mome_plus", "demo_glioma", args.repeats)},
+                {"datastore": "folder", **time_task(url, task, image, args.repeats, truths / f"{image}.nii.gz")}
+                for task, image in (("mome", "demo_flair"), ("mome_plus", "demo_glioma"))
             ]
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
         results = {"machine": machine_facts(), "server_start_s": round(start_s, 1), "tasks": tasks}
         if ORTHANC_MISSING:
             results["dicomweb_skipped"] = "Orthanc with its DICOMweb plugin is not installed"
