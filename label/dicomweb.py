@@ -44,6 +44,7 @@ from pydicom.dataset import Dataset
 
 from app.nifti_io import save_nifti
 from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
+from operators.limits import InputLimits, SeriesLimitExceeded
 from operators.modality_router import SeriesHeader, classify, load_rules
 from operators.seg_writer import build_seg, segments_for
 from operators.study import route_study
@@ -104,6 +105,7 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
             search_filter = dict(MR_FILTER)
         super().__init__(client, search_filter, cache_path, fetch_by_frame=False, convert_to_nifti=True)
         self.rules = load_rules()
+        self.limits = InputLimits.from_env()
         self.label_names = [dict(names) for names in label_names]
         self._loading = threading.Lock()
 
@@ -146,7 +148,8 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         """
         requested = self.series(image_id)
         listed = self._client.search_for_series(requested.study_uid, search_filters=dict(MR_FILTER))
-        uids = [str(Dataset.from_json(item).SeriesInstanceUID) for item in listed]
+        uids = [str(Dataset.from_json(item).get("SeriesInstanceUID", "")) for item in listed]
+        uids = [uid for uid in uids if UID.match(uid) and len(uid) <= UID_MAX_LENGTH]  # they name cache folders
         with self._loading:
             headers = {uid: _headers(self._series_folder(uid), uid) for uid in uids if uid != requested.series_uid}
         work = route_study(requested.study_uid, headers, self.rules, modalities)
@@ -177,6 +180,9 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         if not matches:
             raise ImageNotFound(f"image {series_uid!r}: not a series of {self._client.base_url}.")
         study_uid = str(matches[0].StudyInstanceUID)
+        declared = matches[0].get("NumberOfSeriesRelatedInstances")
+        if declared is not None:  # a series over the limit is not downloaded
+            self.limits.check("max_slices", int(declared), f"series {series_uid}", SeriesLimitExceeded)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".download-", dir=folder.parent))
         try:

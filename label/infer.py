@@ -189,8 +189,8 @@ class MoMEPlusInfer(InferTask):
             labels=labels_of(segmenter.channel_def),
             dimension=3,
             description=(
-                f"MoME+ tumour sub-regions from at least two co-registered contrasts of one study ({names}) given as "
-                "the channels of one image"
+                f"MoME+ tumour sub-regions from at least two contrasts of one study ({names}): co-registered "
+                "channels of one image, or a PACS series with its study's other series"
             ),
             config={"channels": list(segmenter.modalities)},
         )

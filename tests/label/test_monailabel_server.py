@@ -19,6 +19,7 @@ from label_client import dice, infer, label_and_record, label_server
 SEED = 7  # the demo study's seed (app/demo_study.py)
 
 
+PENDING = ("SUBMITTED", "RUNNING")  # MONAI Label's states of a background task before it ends
 BRATS_REGIONS = {"whole tumour": (1, 2, 3), "tumour core": (1, 3), "enhancing tumour": (3,)}
 
 
@@ -177,7 +178,7 @@ def test_training_in_the_background_as_clients_start_it(server, tmp_path):
     started = requests.post(f"{server}/train/mome", json=params)
     assert started.status_code == 200, started.text[:2000]
     deadline = time.monotonic() + 600
-    while (task := requests.get(f"{server}/train/").json())["status"] == "RUNNING" and time.monotonic() < deadline:
+    while (task := requests.get(f"{server}/train/").json())["status"] in PENDING and time.monotonic() < deadline:
         time.sleep(2)
     assert task["status"] == "DONE", task
     _, after = label_and_record(infer(server, "demo_dwi"), tmp_path)
