@@ -48,6 +48,15 @@ $(LABEL_STAMP): label/requirements.txt
 bench-label: $(STAMP) $(LABEL_STAMP)
 	$(RUN_ENV) $(PY) bench/label_latency.py --repeats $(BENCH_REPEATS)
 
+# pacs-demo: Orthanc and mome-worker on loopback, the demo study sent by C-STORE, the results shown, both stopped.
+# bench-pacs: time from the last C-STORE to the results in Orthanc, median of 3; bench/results/pacs_latency.md.
+.PHONY: pacs-demo bench-pacs
+pacs-demo: $(STAMP)
+	$(RUN_ENV) $(PY) -m worker.demo --workdir .pacs-demo
+
+bench-pacs: $(STAMP)
+	$(RUN_ENV) $(PY) bench/pacs_latency.py --repeats $(BENCH_REPEATS)
+
 label-serve: $(LABEL_STAMP)
 	@test -n "$(STUDIES)" || { echo "usage: make label-serve STUDIES=DIR|DICOMWEB_URL [PORT=8000]" >&2; exit 2; }
 	MONAI_LABEL_SESSIONS=false PYTHONPATH="$(CURDIR)" $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \

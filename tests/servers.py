@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from worker.stack import DICOMWEB_PLUGIN, ORTHANC, OrthancProcess
+
 ORTHANC_MISSING = ORTHANC is None or not DICOMWEB_PLUGIN.is_file()  # Debian orthanc + orthanc-dicomweb (.ci/run)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -72,25 +62,9 @@ def _tail(log_path: Path) -> str:
 
 @contextmanager
 def running_orthanc(root: Path) -> Iterator[dict[str, object]]:
-    """A real Orthanc (Debian package) with its DICOMweb plugin on loopback ports, its storage under ``root``.
+    """A real Orthanc (Debian package) with the worker's configuration on loopback ports, its storage under ``root``.
 
     Yields ``url`` (REST), ``dicomweb`` (``url/dicom-web``) and ``dicom_port`` (DICOM, AE title ORTHANC).
     """
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "mome-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    url = f"http://127.0.0.1:{http_port}"
-    with running_server([ORTHANC or "Orthanc", str(root / "config.json")], f"{url}/system", root / "orthanc.log", 20):
-        yield {"url": url, "dicomweb": f"{url}/dicom-web", "dicom_port": dicom_port}
+    with OrthancProcess(root) as orthanc:
+        yield {"url": orthanc.url, "dicomweb": orthanc.dicomweb, "dicom_port": orthanc.dicom_port}

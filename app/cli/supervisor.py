@@ -35,7 +35,7 @@ from types import FrameType
 from app.cli.exit_status import ExitCode
 from operators.clean_stop import CREATED, RUN_DIR_ENV, STAGING, lock_file, recorded_paths
 
-__all__ = ["STOP_EXIT_CODES", "STOP_SIGNALS", "is_supervised", "supervise"]
+__all__ = ["STOP_EXIT_CODES", "STOP_SIGNALS", "die_with_parent", "is_supervised", "supervise"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_EXIT_CODES = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}  # 128 + signal number
@@ -47,7 +47,8 @@ def is_supervised() -> bool:
     return bool(os.environ.get(RUN_DIR_ENV))
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """In a child between fork and exec: its own session, and SIGKILL when its parent dies (Linux)."""
     os.setsid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -74,7 +75,7 @@ def supervise(command: Sequence[str], prog: str) -> int:
     previous = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
     child: subprocess.Popen | None = None
     try:
-        child = subprocess.Popen(list(command), env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        child = subprocess.Popen(list(command), env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
         return child.wait()
     except _Stop as stop:
         for signum in STOP_SIGNALS:
