@@ -277,6 +277,58 @@ def test_a_kill_after_the_results_were_stored_still_leaves_exactly_one_result(st
     assert redone.isdisjoint(first)  # the redo's SEG, not the first attempt's
 
 
+def test_a_series_added_after_processing_makes_a_new_result_that_replaces_the_old(stack, flair_volume):
+    orthanc = stack["orthanc"]
+    datasets = _study(*flair_volume, patient=7)
+    study_uid = str(datasets[0].StudyInstanceUID)
+    _c_store(orthanc.dicom_port, datasets)
+    _wait_for(lambda: _outcome(orthanc, study_uid), "the first version's outcome")
+    (old,) = [s["MainDicomTags"]["SeriesInstanceUID"] for s in _series_by_modality(orthanc, study_uid)["SEG"]]
+
+    added = make_series(flair_volume[0], flair_volume[1], 9, "AX T2 FLAIR 3D", study_uid)  # a later series
+    for ds in added:
+        ds.PatientName, ds.PatientID = PATIENTS[7]
+    _c_store(orthanc.dicom_port, added)
+
+    def replaced() -> bool:
+        segs = [s["MainDicomTags"]["SeriesInstanceUID"] for s in _series_by_modality(orthanc, study_uid).get("SEG", [])]
+        return len(segs) == 1 and segs[0] != old and _outcome(orthanc, study_uid) == "mome-done"
+
+    _wait_for(replaced, "the second version's result in place of the first")
+    found = _series_by_modality(orthanc, study_uid)
+    assert {kind: len(found[kind]) for kind in ("SEG", "SR", "OT")} == {"SEG": 1, "SR": 1, "OT": 1}
+    assert len(found["MR"]) == 2
+
+
+def test_a_study_that_keeps_failing_is_retried_then_marked_failed_and_the_worker_goes_on(tmp_path, flair_volume):
+    """A worker whose application cannot run (here: an unknown profile) retries with backoff, then records the
+    reason on the study and in its status; it keeps serving."""
+    with OrthancProcess(tmp_path / "orthanc", {"StableAge": 1}) as orthanc:
+        env = {
+            **os.environ,
+            "MOME_ORTHANC_URL": orthanc.url,
+            "MOME_WORKER_POLL_SECONDS": "0.5",
+            "MOME_WORKER_MAX_ATTEMPTS": "2",
+            "MOME_WORKER_RETRY_SECONDS": "1",
+            "MOME_WORKER_APP_ARGS": "--profile no-such-profile",
+        }
+        worker = WorkerProcess(tmp_path / "state", env)
+        worker.start()
+        try:
+            datasets = _study(*flair_volume, patient=0)
+            _c_store(orthanc.dicom_port, datasets)
+            study_uid = str(datasets[0].StudyInstanceUID)
+            _wait_for(lambda: _outcome(orthanc, study_uid), "the failing study's outcome", 300)
+            study = _orthanc_study(orthanc, study_uid)
+            metadata = requests.get(f"{orthanc.url}/studies/{study}/metadata", params={"expand": ""}).json()
+            assert metadata["MoMEStatus"] == "mome-failed" and "no-such-profile" in metadata["MoMEReason"], metadata
+            status = worker.status()
+            assert status["jobs"] == {"failed": 1} and status["failures"][0]["study_uid"] == study_uid
+            assert worker.process is not None and worker.process.poll() is None  # still serving
+        finally:
+            assert worker.signal(signal.SIGTERM) == 143
+
+
 def test_the_worker_waits_out_an_orthanc_restart(stack, flair_volume):
     orthanc, worker = stack["orthanc"], stack["worker"]
     orthanc.stop()
