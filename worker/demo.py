@@ -24,6 +24,7 @@ import pydicom
 import requests
 
 from app.demo_study import make_demo_study
+from operators.bundle import use_bundle_scripts
 from worker.orthanc import REASON_METADATA, STATUS_METADATA
 from worker.stack import OrthancProcess, OrthancStartError
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write each copy's times and outcome here")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
+    use_bundle_scripts()  # the demo study comes from the bundle's generator
     orthanc = OrthancProcess(workdir / "orthanc")
     try:
         orthanc.start()
