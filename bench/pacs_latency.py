@@ -61,7 +61,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "# PACS latency: demo study by C-STORE -> mome-worker -> results in Orthanc (CPU, demo weights)",
         "",
         f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, ISA {', '.join(machine['isa_flags'])}, "
-        f"torch {machine['torch']}. Orthanc StableAge {results['stable_age_s']} s; worker defaults.",
+        f"torch {machine['torch']}. Orthanc StableAge {results['stable_age_s']} s (a study is stable that long after "
+        "its last instance); the worker reads the change feed every second (`make pacs-demo`'s stack).",
         "",
         f"Median of {len(results['runs'])}: first SEG in Orthanc **{results['median_first_seg_s']} s**, study done "
         f"(2 SEG, 2 SR, 2 QC images stored) **{results['median_done_s']} s** after the last C-STORE; the worker's "
