@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,8 @@ class OrthancProcess:
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"{self.url}/system", timeout=2).read()
+                return self
+            except urllib.error.HTTPError:  # it answers (e.g. 401: authentication enabled)
                 return self
             except OSError:
                 if self.process.poll() is not None:

@@ -155,16 +155,20 @@ def _c_store(port: int, datasets: list[pydicom.Dataset]) -> None:
         association.release()
 
 
-def _orthanc_study(orthanc: OrthancProcess, study_uid: str) -> str | None:
-    found = requests.post(f"{orthanc.url}/tools/lookup", data=study_uid).json()
+def _orthanc_study(orthanc: OrthancProcess, study_uid: str, auth: tuple[str, str] | None = None) -> str | None:
+    found = requests.post(f"{orthanc.url}/tools/lookup", data=study_uid, auth=auth).json()
     return next((item["ID"] for item in found if item["Type"] == "Study"), None)
 
 
-def _outcome(orthanc: OrthancProcess, study_uid: str) -> str | None:
-    study = _orthanc_study(orthanc, study_uid)
+def _metadata(orthanc: OrthancProcess, study_uid: str, auth: tuple[str, str] | None = None) -> dict[str, str]:
+    study = _orthanc_study(orthanc, study_uid, auth)
     if study is None:
-        return None
-    return requests.get(f"{orthanc.url}/studies/{study}/metadata", params={"expand": ""}).json().get("MoMEStatus")
+        return {}
+    return requests.get(f"{orthanc.url}/studies/{study}/metadata", params={"expand": ""}, auth=auth).json()
+
+
+def _outcome(orthanc: OrthancProcess, study_uid: str) -> str | None:
+    return _metadata(orthanc, study_uid).get("MoMEStatus")
 
 
 def _series_by_modality(orthanc: OrthancProcess, study_uid: str) -> dict[str, list[dict]]:
@@ -226,8 +230,7 @@ def test_a_ct_only_study_is_rejected_with_the_reason_and_nothing_stored(stack):
     _c_store(orthanc.dicom_port, datasets)
     study_uid = str(datasets[0].StudyInstanceUID)
     _wait_for(lambda: _outcome(orthanc, study_uid), "the CT study's outcome")
-    study = _orthanc_study(orthanc, study_uid)
-    metadata = requests.get(f"{orthanc.url}/studies/{study}/metadata", params={"expand": ""}).json()
+    metadata = _metadata(orthanc, study_uid)
     assert metadata["MoMEStatus"] == "mome-rejected" and "CT" in metadata["MoMEReason"], metadata
     assert set(_series_by_modality(orthanc, study_uid)) == {"CT"}
 
@@ -302,11 +305,16 @@ def test_a_series_added_after_processing_makes_a_new_result_that_replaces_the_ol
 
 def test_a_study_that_keeps_failing_is_retried_then_marked_failed_and_the_worker_goes_on(tmp_path, flair_volume):
     """A worker whose application cannot run (here: an unknown profile) retries with backoff, then records the
-    reason on the study and in its status; it keeps serving."""
-    with OrthancProcess(tmp_path / "orthanc", {"StableAge": 1}) as orthanc:
+    reason on the study and in its status; it keeps serving. This Orthanc requires HTTP basic auth."""
+    auth = ("mome", "s3cret-Pa55")
+    overrides = {"StableAge": 1, "AuthenticationEnabled": True, "RegisteredUsers": {auth[0]: auth[1]}}
+    with OrthancProcess(tmp_path / "orthanc", overrides) as orthanc:
+        assert requests.get(f"{orthanc.url}/system").status_code == 401
         env = {
             **os.environ,
             "MOME_ORTHANC_URL": orthanc.url,
+            "MOME_ORTHANC_USER": auth[0],
+            "MOME_ORTHANC_PASSWORD": auth[1],
             "MOME_WORKER_POLL_SECONDS": "0.5",
             "MOME_WORKER_MAX_ATTEMPTS": "2",
             "MOME_WORKER_RETRY_SECONDS": "1",
@@ -318,15 +326,25 @@ def test_a_study_that_keeps_failing_is_retried_then_marked_failed_and_the_worker
             datasets = _study(*flair_volume, patient=0)
             _c_store(orthanc.dicom_port, datasets)
             study_uid = str(datasets[0].StudyInstanceUID)
-            _wait_for(lambda: _outcome(orthanc, study_uid), "the failing study's outcome", 300)
-            study = _orthanc_study(orthanc, study_uid)
-            metadata = requests.get(f"{orthanc.url}/studies/{study}/metadata", params={"expand": ""}).json()
+            _wait_for(lambda: _metadata(orthanc, study_uid, auth).get("MoMEStatus"), "the failing study's outcome", 300)
+            metadata = _metadata(orthanc, study_uid, auth)
             assert metadata["MoMEStatus"] == "mome-failed" and "no-such-profile" in metadata["MoMEReason"], metadata
             status = worker.status()
             assert status["jobs"] == {"failed": 1} and status["failures"][0]["study_uid"] == study_uid
             assert worker.process is not None and worker.process.poll() is None  # still serving
         finally:
             assert worker.signal(signal.SIGTERM) == 143
+
+
+def test_a_study_that_arrives_while_the_worker_is_down_is_processed_when_it_is_back(stack, flair_volume):
+    orthanc, worker = stack["orthanc"], stack["worker"]
+    assert worker.signal(signal.SIGTERM) == 143
+    datasets = _study(*flair_volume, patient=5)
+    _c_store(orthanc.dicom_port, datasets)
+    time.sleep(4)  # stable before the worker is back: only the change feed remembers it
+    worker.start()
+    _wait_for(lambda: _outcome(orthanc, str(datasets[0].StudyInstanceUID)), "the study sent while the worker was down")
+    assert _outcome(orthanc, str(datasets[0].StudyInstanceUID)) == "mome-done"
 
 
 def test_the_worker_waits_out_an_orthanc_restart(stack, flair_volume):
