@@ -37,7 +37,7 @@ from app.cli.exit_status import ExitCode
 from app.cli.supervisor import die_with_parent
 from operators import phi
 from worker.journal import Job, Journal
-from worker.orthanc import Orthanc, OrthancUnavailable, SeriesInfo
+from worker.orthanc import Orthanc, OrthancError, OrthancUnavailable, SeriesInfo
 from worker.results import collect
 from worker.settings import WorkerSettings
 
@@ -95,6 +95,9 @@ class Worker:
             except OrthancUnavailable as error:
                 logger.warning("Orthanc unavailable", extra={"event": "orthanc.unavailable", "error": str(error)})
                 wait = min(MAX_WAIT_S, wait * 2)
+            except Exception:  # an unexpected answer: logged, and the feed is read again later (the cursor stays)
+                logger.exception("change feed not read", extra={"event": "feed.error"})
+                wait = min(MAX_WAIT_S, wait * 2)
             started = self.dispatch()
             self.stopping.wait(0 if started else wait)
         self._shut_down()
@@ -133,11 +136,16 @@ class Worker:
                 return created
 
     def _version(self, study: str, seq: int) -> tuple[str, str, str, int] | None:
-        """``(study, study_uid, fingerprint, seq)`` of a stable study; None when it holds only MoME's results."""
-        series = self.orthanc.series(study)
-        if all(s.written_by_mome for s in series):
+        """``(study, study_uid, fingerprint, seq)`` of a stable study; None when it holds only MoME's results or is
+        gone (deleted since)."""
+        try:
+            series = self.orthanc.series(study)
+            if all(s.written_by_mome for s in series):
+                return None
+            return study, self.orthanc.study_uid(study), fingerprint(series), seq
+        except OrthancError:
+            logger.info("stable study gone", extra={"event": "feed.study_gone", "orthanc_study": study})
             return None
-        return study, self.orthanc.study_uid(study), fingerprint(series), seq
 
     def dispatch(self) -> int:
         """Starts due jobs while fewer than ``jobs`` run; returns how many it started."""
