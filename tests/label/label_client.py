@@ -13,7 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import requests
-from servers import free_port, running_server
+from servers import running_server
+
+from worker.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
