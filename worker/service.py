@@ -77,7 +77,7 @@ class Worker:
         self.stop_signal: int | None = None
         self._children: dict[int, subprocess.Popen] = {}
         self._threads: dict[int, threading.Thread] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # also taken by stop(), from a signal handler on the main thread
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
@@ -252,6 +252,8 @@ class Worker:
             child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, preexec_fn=_child_setup)  # noqa: PLW1509
             with self._lock:
                 self._children[job.id] = child
+            if self.stopping.is_set():  # a stop that came before the child existed
+                child.send_signal(signal.SIGTERM)
             try:
                 code = child.wait()
             finally:
