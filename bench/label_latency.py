@@ -30,7 +30,6 @@ import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
 sys.path.insert(0, str(REPO / "bundle"))
 sys.path.insert(0, str(REPO / "bench"))
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from cpu_profiles import machine_facts  # noqa: E402
 from label_client import infer, label_and_record, label_server  # noqa: E402
+from publish import publish  # noqa: E402
 from servers import ORTHANC_MISSING, running_orthanc  # noqa: E402
 
 from scripts.synthetic import PLUS_MODALITIES, generate_dataset  # noqa: E402
@@ -181,10 +181,7 @@ def main() -> int:
             results["dicomweb_skipped"] = "Orthanc with its DICOMweb plugin is not installed"
         else:
             tasks += time_dicomweb(Path(folder) / "dicomweb", args.repeats)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "label_latency.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, RESULTS / "label_latency.md")
-    print((RESULTS / "label_latency.md").read_text())
+    publish("label_latency", results, write_markdown)
     return 0
 
 

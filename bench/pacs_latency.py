@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO / "bench"))
 
 from cpu_profiles import machine_facts  # noqa: E402
+from publish import publish  # noqa: E402
 
 
 def worker_seconds(log: Path) -> list[float]:
@@ -85,10 +85,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mome-pacs-bench-") as folder:
         results = run(Path(folder), args.repeats)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pacs_latency.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, RESULTS / "pacs_latency.md")
-    print((RESULTS / "pacs_latency.md").read_text())
+    publish("pacs_latency", results, write_markdown)
     return 0
 
 

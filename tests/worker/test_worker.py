@@ -93,6 +93,11 @@ class WorkerProcess:
         return code
 
 
+def _worker_env(orthanc: OrthancProcess, **settings: str) -> dict[str, str]:
+    """The worker's environment: this Orthanc, the feed read twice a second, and ``settings``."""
+    return {**os.environ, "MOME_ORTHANC_URL": orthanc.url, "MOME_WORKER_POLL_SECONDS": "0.5", **settings}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Orthanc (forwarding to a receiver) and a running worker, both on loopback."""
@@ -100,13 +105,7 @@ def stack(tmp_path_factory):
     receiver = Receiver()
     overrides = {"StableAge": 2, "DicomModalities": {"archive": ["ARCHIVE", "127.0.0.1", receiver.port]}}
     orthanc = OrthancProcess(root / "orthanc", overrides).start()
-    env = {
-        **os.environ,
-        "MOME_ORTHANC_URL": orthanc.url,
-        "MOME_WORKER_POLL_SECONDS": "0.5",
-        "MOME_WORKER_FORWARD_TO": "archive",
-        "MOME_WORKER_RETRY_SECONDS": "2",
-    }
+    env = _worker_env(orthanc, MOME_WORKER_FORWARD_TO="archive", MOME_WORKER_RETRY_SECONDS="2")
     worker = WorkerProcess(root / "state", env)
     worker.start()
     try:
@@ -310,16 +309,14 @@ def test_a_study_that_keeps_failing_is_retried_then_marked_failed_and_the_worker
     overrides = {"StableAge": 1, "AuthenticationEnabled": True, "RegisteredUsers": {auth[0]: auth[1]}}
     with OrthancProcess(tmp_path / "orthanc", overrides) as orthanc:
         assert requests.get(f"{orthanc.url}/system").status_code == 401
-        env = {
-            **os.environ,
-            "MOME_ORTHANC_URL": orthanc.url,
-            "MOME_ORTHANC_USER": auth[0],
-            "MOME_ORTHANC_PASSWORD": auth[1],
-            "MOME_WORKER_POLL_SECONDS": "0.5",
-            "MOME_WORKER_MAX_ATTEMPTS": "2",
-            "MOME_WORKER_RETRY_SECONDS": "1",
-            "MOME_WORKER_APP_ARGS": "--profile no-such-profile",
-        }
+        env = _worker_env(
+            orthanc,
+            MOME_ORTHANC_USER=auth[0],
+            MOME_ORTHANC_PASSWORD=auth[1],
+            MOME_WORKER_MAX_ATTEMPTS="2",
+            MOME_WORKER_RETRY_SECONDS="1",
+            MOME_WORKER_APP_ARGS="--profile no-such-profile",
+        )
         worker = WorkerProcess(tmp_path / "state", env)
         worker.start()
         try:
