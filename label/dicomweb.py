@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from cachetools import TTLCache, cached
 from dicomweb_client import DICOMwebClient
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import binary_to_image
@@ -43,7 +45,7 @@ from nibabel import orientations
 from pydicom.dataset import Dataset
 
 from app.nifti_io import save_nifti
-from operators.dicom_series import SeriesRejected, SeriesVolume, series_to_volume
+from operators.dicom_series import MIN_SLICES, SeriesRejected, SeriesVolume, series_to_volume
 from operators.limits import InputLimits, SeriesLimitExceeded
 from operators.modality_router import SeriesHeader, classify, load_rules
 from operators.seg_writer import build_seg, segments_for
@@ -108,8 +110,24 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         self.limits = InputLimits.from_env()
         self.label_names = [dict(names) for names in label_names]
         self._loading = threading.Lock()
+        self._rejected: set[str] = set()
 
     # -- images ------------------------------------------------------------------------------------------------------
+
+    def list_images(self) -> list[str]:
+        """The listed series that can be a volume: not a UID we refuse, not a localizer-sized series (2 to 7
+        instances), and not one whose checks failed already (so clients are never offered it)."""
+        return [uid for uid in self._listed() if uid not in self._rejected]
+
+    @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
+    def _listed(self) -> list[str]:
+        listed = []
+        for item in self._client.search_for_series(search_filters=self._search_filter):
+            ds = Dataset.from_json(item)
+            uid, count = str(ds.get("SeriesInstanceUID", "")), ds.get("NumberOfSeriesRelatedInstances")
+            if UID.match(uid) and len(uid) <= UID_MAX_LENGTH and not (count and 1 < int(count) < MIN_SLICES):
+                listed.append(uid)
+        return listed
 
     def get_image_uri(self, image_id: str) -> str:
         """The series as NIfTI on its own grid (downloaded and converted on first use)."""
@@ -124,11 +142,15 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         """
         series_uid = _checked_uid(image_id)
         with self._loading:
-            folder = self._series_folder(series_uid)
-            headers = _headers(folder, series_uid)
-            image = Path(self._datastore.image_path()) / f"{series_uid}.nii.gz"
-            if not image.is_file():
-                self._convert(folder, headers, series_uid)
+            try:
+                folder = self._series_folder(series_uid)
+                headers = _headers(folder, series_uid)
+                image = Path(self._datastore.image_path()) / f"{series_uid}.nii.gz"
+                if not image.is_file():
+                    self._convert(folder, headers, series_uid)
+            except SeriesRejected:
+                self._rejected.add(series_uid)
+                raise
         first = headers[0]
         header = SeriesHeader.from_dataset(first, n_instances=len(headers) if len(headers) > 1 else None)
         decision = classify(header, self.rules)
