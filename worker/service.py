@@ -208,7 +208,7 @@ class Worker:
             logger.info("study abandoned", extra={"event": "job.abandoned", **self._job_fields(job)})
             return
         if code == ExitCode.REJECTED:
-            reason = _rejection_reason(log)
+            reason = _rejection_reason(log, archive)
             self.orthanc.set_status(job.study, "mome-rejected", reason)
             self.journal.finish(job.id, "rejected", reason)
             logger.info("study rejected", extra={"event": "job.rejected", **self._job_fields(job), "reason": reason})
@@ -292,11 +292,13 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
     die_with_parent()
 
 
-def _rejection_reason(log: Path) -> str:
-    """The application's reason for rejecting the input (after ``input rejected:``), else its last line."""
+def _rejection_reason(log: Path, archive: Path) -> str:
+    """The application's reason for rejecting the input (after ``input rejected:``, the worker's scratch path left
+    out), else its last line."""
     text = log.read_text(errors="replace")
     at = text.rfind(REJECTED_MARK)
     reason = text[at + len(REJECTED_MARK) :] if at >= 0 else _last_line(log)
+    reason = reason.replace(f"{archive}: ", "").replace(str(archive), "the study")
     return " ".join(reason.split())[:REASON_CHARS]
 
 

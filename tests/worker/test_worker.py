@@ -231,6 +231,7 @@ def test_a_ct_only_study_is_rejected_with_the_reason_and_nothing_stored(stack):
     _wait_for(lambda: _outcome(orthanc, study_uid), "the CT study's outcome")
     metadata = _metadata(orthanc, study_uid)
     assert metadata["MoMEStatus"] == "mome-rejected" and "CT" in metadata["MoMEReason"], metadata
+    assert metadata["MoMEReason"].startswith("no series could be segmented"), metadata  # no worker paths in it
     assert set(_series_by_modality(orthanc, study_uid)) == {"CT"}
 
 
