@@ -125,7 +125,7 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         for item in self._client.search_for_series(search_filters=self._search_filter):
             ds = Dataset.from_json(item)
             uid, count = str(ds.get("SeriesInstanceUID", "")), ds.get("NumberOfSeriesRelatedInstances")
-            if UID.match(uid) and len(uid) <= UID_MAX_LENGTH and not (count and 1 < int(count) < MIN_SLICES):
+            if _is_uid(uid) and not (count and 1 < int(count) < MIN_SLICES):
                 listed.append(uid)
         return listed
 
@@ -171,7 +171,7 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         requested = self.series(image_id)
         listed = self._client.search_for_series(requested.study_uid, search_filters=dict(MR_FILTER))
         uids = [str(Dataset.from_json(item).get("SeriesInstanceUID", "")) for item in listed]
-        uids = [uid for uid in uids if UID.match(uid) and len(uid) <= UID_MAX_LENGTH]  # they name cache folders
+        uids = [uid for uid in uids if _is_uid(uid)]  # they name cache folders
         with self._loading:
             headers = {uid: _headers(self._series_folder(uid), uid) for uid in uids if uid != requested.series_uid}
         work = route_study(requested.study_uid, headers, self.rules, modalities)
@@ -216,6 +216,12 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         logger.info("series %s: downloaded", series_uid)
         return folder
 
+    def _volume_of(self, series_uid: str) -> SeriesVolume:
+        """The series' checked volume, from its cache folder (downloaded first when absent)."""
+        with self._loading:
+            headers = _headers(self._series_folder(series_uid), series_uid)
+        return _volume(headers, series_uid)
+
     def _convert(self, folder: Path, headers: list[Any], series_uid: str) -> None:
         """Checks the series' geometry and adds it to the local datastore as NIfTI (MONAI Label's bookkeeping)."""
         volume = _volume(headers, series_uid)
@@ -223,10 +229,6 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
             converted = Path(staging) / f"{series_uid}.nii.gz"
             save_nifti(volume.array, volume.affine, converted)
             LocalDatastore.add_image(self, series_uid, str(converted), _series_info(headers[0]))
-
-    def _dicom_info(self, series_id: str) -> dict[str, Any]:
-        """The image/label info MONAI Label records, without patient identifiers."""
-        return _series_info(_headers(Path(self._datastore.image_path()) / _checked_uid(series_id), series_id)[0])
 
     # -- labels ------------------------------------------------------------------------------------------------------
 
@@ -237,10 +239,9 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         if label_tag != DefaultLabelTag.FINAL or not image_id or (local and Path(local).is_file()):
             return local
         series = self.series(image_id)
+        volume = self._volume_of(series.series_uid)
         with self._loading:
-            image_folder = self._series_folder(series.series_uid)
             seg_folder = self._series_folder(_checked_uid(label_id), self._datastore.label_path(label_tag))
-        volume = _volume(_headers(image_folder, series.series_uid), series.series_uid)
         labels = _seg_on_grid(_headers(seg_folder, label_id), volume, label_id)
         with tempfile.TemporaryDirectory(dir=seg_folder.parent) as staging:
             converted = Path(staging) / f"{series.series_uid}.nii.gz"
@@ -279,8 +280,7 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
 
     def _store_seg(self, series: DicomSeries, label_file: Path, label_info: Mapping[str, Any]) -> dict[str, Any]:
         """Writes the label as DICOM-SEG on the series' source instances and stores it in the PACS (STOW-RS)."""
-        folder = self._series_folder(series.series_uid)
-        volume = _volume(_headers(folder, series.series_uid), series.series_uid)
+        volume = self._volume_of(series.series_uid)
         labels = label_on_grid(label_file, volume)
         channel_def = series_channel_def(labels, label_info, self.label_names)
         try:
@@ -300,9 +300,14 @@ class MoMEDICOMwebDatastore(DICOMWebDatastore):
         }
 
 
+def _is_uid(value: object) -> bool:
+    """Whether ``value`` is a DICOM UID (digits and dots, at most 64 characters)."""
+    return isinstance(value, str) and len(value) <= UID_MAX_LENGTH and UID.match(value) is not None
+
+
 def _checked_uid(image_id: str) -> str:
     """``image_id`` when it is a DICOM UID (it names cache folders: nothing else may)."""
-    if not isinstance(image_id, str) or len(image_id) > UID_MAX_LENGTH or not UID.match(image_id):
+    if not _is_uid(image_id):
         raise ImageNotFound(f"image {str(image_id)[:80]!r}: not a SeriesInstanceUID.")
     return image_id
 

@@ -42,7 +42,7 @@ from monailabel.interfaces.tasks.train import TrainTask  # noqa: E402
 
 from app import __version__  # noqa: E402
 from label.dicomweb import ImageNotFound, MoMEDICOMwebDatastore  # noqa: E402
-from label.infer import MoMEInfer, MoMEPlusInfer  # noqa: E402
+from label.infer import MoMEInfer, MoMEPlusInfer, labels_of  # noqa: E402
 from label.strategy import ExpertDisagreement  # noqa: E402
 from label.train import MoMETrain  # noqa: E402
 from label.weights import ServedWeights  # noqa: E402
@@ -89,8 +89,8 @@ class MoMELabelApp(MONAILabelApp):
             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
         )
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
-        label_names = [m.channel_def for m in (self.models.single, self.models.plus) if m is not None]
-        known = [{int(v): n for v, n in names.items() if n != "background"} for names in label_names]
+        models = [m for m in (self.models.single, self.models.plus) if m is not None]
+        known = [{value: name for name, value in labels_of(m.channel_def).items()} for m in models]
         return MoMEDICOMwebDatastore(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache or None, known)
 
     def init_infers(self) -> dict[str, InferTask]:

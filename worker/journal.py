@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,17 +160,17 @@ class Journal:
 
     def record_outputs(self, job_id: int, sop_instance_uids: Sequence[str]) -> None:
         """Adds what the job is about to store (before it stores it)."""
-        with self._transaction() as db:
-            known = json.loads(db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
-            merged = known + [uid for uid in sop_instance_uids if uid not in known]
-            db.execute("UPDATE jobs SET outputs = ? WHERE id = ?", (json.dumps(merged), job_id))
+        self._update_outputs(job_id, lambda known: known + [uid for uid in sop_instance_uids if uid not in known])
 
     def forget_outputs(self, job_id: int, sop_instance_uids: Sequence[str]) -> None:
         """Removes outputs that were deleted from Orthanc."""
+        gone = set(sop_instance_uids)
+        self._update_outputs(job_id, lambda known: [uid for uid in known if uid not in gone])
+
+    def _update_outputs(self, job_id: int, change: Callable[[list[str]], list[str]]) -> None:
         with self._transaction() as db:
             known = json.loads(db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
-            kept = [uid for uid in known if uid not in set(sop_instance_uids)]
-            db.execute("UPDATE jobs SET outputs = ? WHERE id = ?", (json.dumps(kept), job_id))
+            db.execute("UPDATE jobs SET outputs = ? WHERE id = ?", (json.dumps(change(known)), job_id))
 
     def finish(self, job_id: int, state: str, reason: str = "", summary: dict[str, Any] | None = None) -> None:
         """Ends a job: ``done``, ``rejected``, ``failed`` or ``superseded``."""

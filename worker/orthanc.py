@@ -158,11 +158,6 @@ class Orthanc:
                     self._request("DELETE", f"/studies/{study}/labels/{label}")
             self._request("PUT", f"/studies/{study}/labels/{status}", data="")
 
-    def status(self, study: str) -> tuple[str | None, str]:
-        """The recorded outcome of a study and its reason (None: none recorded)."""
-        metadata = self._request("GET", f"/studies/{study}/metadata", params={"expand": ""}).json()
-        return metadata.get(STATUS_METADATA), metadata.get(REASON_METADATA, "")
-
     def _has_labels(self) -> bool:
         if self._labels is None:
             version = str(self.system().get("Version", "0"))
