@@ -80,11 +80,12 @@ COPY ./map/app.json /etc/holoscan/app.json
 COPY ./map/pkg.json /etc/holoscan/pkg.json
 COPY ./app.config /var/holoscan/app.yaml
 COPY ./app /opt/holoscan/app
-RUN chmod +x /var/holoscan/tools \
+COPY ./entrypoint.sh /opt/holoscan/entrypoint.sh
+RUN chmod +x /var/holoscan/tools /opt/holoscan/entrypoint.sh \
     && test "$(jq -r .version /etc/holoscan/pkg.json)" = "${MOME_VERSION}" \
     || { echo "MOME_VERSION ${MOME_VERSION} differs from pkg.json's version" >&2; exit 2; }
 
 USER ${UNAME}
 WORKDIR /var/holoscan
-# Holoscan wants a 32 MB stack; the tools script runs the app.json command when given no subcommand.
-ENTRYPOINT ["/bin/bash", "-c", "ulimit -s 32768 2>/dev/null; exec /var/holoscan/tools \"$@\"", "--"]
+# show/env/extract/help: the MAP tools script; anything else: the app.json command with its exit status and signals.
+ENTRYPOINT ["/opt/holoscan/entrypoint.sh"]

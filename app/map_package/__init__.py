@@ -34,6 +34,7 @@ __all__ = ["ARTIFACTS", "DEFAULT_TAG", "MODEL_NAME", "build_context", "stage_app
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "app" / "packaging" / "holoscan-cli-artifacts-4.2.0.json"
 APP_CONFIG = REPO / "app" / "app.yaml"
+ENTRYPOINT = Path(__file__).with_name("entrypoint.sh")  # the CPU image's; the Dockerfile copies it from the context
 MAIN = '''"""MAP entry point: ``python3 /opt/holoscan/app`` runs the MoME Deploy application (HOLOSCAN_* paths).
 
 The work runs in a supervised child (``app.cli.supervisor``): SIGTERM from the orchestrator stops it with exit 143 and
@@ -52,7 +53,7 @@ sys.exit(supervise([sys.executable, sys.argv[0], *sys.argv[1:]], "mome-app"))
 '''
 MODEL_NAME = "mome"
 DEFAULT_TAG = f"mome-app:{__version__}"
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "packaging")
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "packaging", "entrypoint.sh")
 
 
 def stage_application(out: Path) -> Path:
@@ -99,4 +100,5 @@ def build_context(application: Path, context: Path, bundle: Path, tag: str = DEF
         holoscan_cli(argv)
     if not (context / "Dockerfile").is_file():
         raise RuntimeError(f"the packager did not produce a Dockerfile in {context}")
+    shutil.copy2(ENTRYPOINT, context / ENTRYPOINT.name)
     return context

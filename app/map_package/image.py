@@ -103,10 +103,13 @@ class Engine:
             argv += ["--build-arg", f"{key}={value}"]
         return [a for a in argv if a] + ["-f", str(spec.dockerfile), "-t", spec.tag, str(spec.context)]
 
-    def run_argv(self, image: str, study: Path, output: Path, arguments: Sequence[str] = ()) -> list[str]:
+    def run_argv(
+        self, image: str, study: Path, output: Path, arguments: Sequence[str] = (), name: str | None = None
+    ) -> list[str]:
         if not self.can_run:
             raise MapImageError("buildah cannot run a MAP; install podman or docker")
         argv = [self.name, "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
+        argv += ["--name", name] if name else []
         argv += ["--shm-size", shared_memory(), "-e", "HOLOSCAN_HOSTING_SERVICE=HOLOSCAN_RUN"]
         argv += ["-v", f"{study.resolve()}:{MAP_INPUT}:ro", "-v", f"{output.resolve()}:{MAP_OUTPUT}"]
         if self.name == "podman":
