@@ -62,6 +62,43 @@ label-serve: $(LABEL_STAMP)
 	MONAI_LABEL_SESSIONS=false PYTHONPATH="$(CURDIR)" $(LABEL_PY) -m monailabel.main start_server --app label --studies "$(STUDIES)" \
 		--host 127.0.0.1 --port $(PORT) --conf bundle "$(CURDIR)/bundle"
 
+# The CPU MAP image (Dockerfile; docker, else podman, else buildah): `make map` builds mome-app-cpu:VERSION from the
+# packager's build context; `make map-run IN=STUDY OUT=DIR` runs it as a MAP runs (mounted input/output, no network).
+# MAP_BASE picks the base image (default: the Dockerfile's python:3.12-slim); `make map-base` makes a minimal Debian
+# one with debootstrap (root), for hosts that reach package indexes but no container registry. WHEELS: a folder of
+# wheels mounted into the build (default: $PIP_FIND_LINKS when it is a folder), PIP_CERT: pip's CA bundle,
+# MAP_NO_CACHE=1: no cached layers.
+# map-check (CI, after `make test`): map-base, map, the image's tests (tests/map) and bench-map.
+# bench-map: image size, build time, cold start and the demo study through the image; bench/results/map_image.md.
+MAP_ENGINE ?= auto
+MAP_BASE ?=
+MAP_DEBIAN_BASE := localhost/mome-debian-base:bookworm
+WHEELS ?= $(if $(wildcard $(PIP_FIND_LINKS)/.),$(PIP_FIND_LINKS))
+MAP_TAG = mome-app-cpu:$(shell $(PY) -c 'import app; print(app.__version__)')
+MAP_BUILD_ARGS = --engine $(MAP_ENGINE) $(if $(MAP_BASE),--base $(MAP_BASE)) $(if $(WHEELS),--wheels $(WHEELS)) \
+	$(if $(PIP_CERT),--pip-cert $(PIP_CERT)) $(if $(MAP_NO_CACHE),--no-cache) --json build/map_build.json
+.PHONY: map map-base map-run map-check bench-map
+
+map: $(STAMP)
+	$(PY) -m app.map_package build $(MAP_BUILD_ARGS)
+
+map-base: $(STAMP)
+	$(PY) -m app.map_package base --engine $(MAP_ENGINE) --tag $(MAP_DEBIAN_BASE)
+
+map-run: $(STAMP)
+	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make map-run IN=study_folder OUT=output_folder" >&2; exit 2; }
+	$(PY) -m app.map_package run --engine $(MAP_ENGINE) --input "$(IN)" --output "$(OUT)" $(MAP_TAG)
+
+map-check: $(STAMP)
+	$(MAKE) map-base
+	$(MAKE) map MAP_BASE=$(MAP_DEBIAN_BASE)
+	$(RUN_ENV) MOME_MAP_IMAGE=$(MAP_TAG) MOME_MAP_ENGINE=$(MAP_ENGINE) $(PY) -m pytest tests/map -p no:cacheprovider
+	$(MAKE) bench-map
+
+bench-map: $(STAMP)
+	$(RUN_ENV) $(PY) bench/map_image.py --image $(MAP_TAG) --engine $(MAP_ENGINE) --build-record build/map_build.json \
+		--repeats $(BENCH_REPEATS)
+
 # Benchmarks; results (JSON + Markdown) in bench/results/. Interrupted training runs continue where they stopped.
 # bench-cpu: the whole DICOM -> SEG pipeline per inference profile and stage, demo and release-size models (~1.5 h
 # on 2 cores); bench-levers: one MoME forward per CPU lever (~20 min); bench-quality: fast vs parity labels on held-out

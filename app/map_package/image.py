@@ -99,6 +99,7 @@ class Engine:
             argv += [f"-v={mount}" for mount in spec.mounts()]
         elif spec.mounts():
             raise MapImageError("docker build cannot mount a wheel folder or CA bundle; use podman or buildah for them")
+        argv += ["--no-cache"] if spec.no_cache else []
         for key, value in spec.build_args().items():
             argv += ["--build-arg", f"{key}={value}"]
         return [a for a in argv if a] + ["-f", str(spec.dockerfile), "-t", spec.tag, str(spec.context)]
@@ -129,6 +130,7 @@ class BuildSpec:
     pip_cert: Path | None = None
     dockerfile: Path = DOCKERFILE
     version: str = __version__
+    no_cache: bool = False
     extra_args: dict[str, str] = field(default_factory=dict)
 
     def mounts(self) -> list[str]:
