@@ -211,16 +211,15 @@ def shared_memory() -> str:
     return f"{match[1]}{match[2].lower()}"
 
 
-def apt_mirror(default: str = "http://deb.debian.org/debian") -> str:
-    """The Debian mirror this host's apt uses (deb822 ``.sources`` or ``sources.list``), else ``default``."""
-    for sources in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+def apt_mirror(root: Path = Path("/"), default: str = "http://deb.debian.org/debian") -> str:
+    """The Debian mirror the apt of ``root`` uses (deb822 ``.sources`` or ``sources.list``), else ``default``."""
+    for sources in sorted((root / "etc/apt/sources.list.d").glob("*.sources")):
         for entry in sources.read_text().split("\n\n"):
             fields = dict(re.findall(r"(?m)^(\w[\w-]*):\s*(.+)$", entry))
             if "security" not in fields.get("Suites", "security") and fields.get("URIs"):
                 return fields["URIs"].split()[0]
-    listing = Path("/etc/apt/sources.list")
-    lines = listing.read_text().splitlines() if listing.is_file() else []
-    for line in lines:
+    listing = root / "etc/apt/sources.list"
+    for line in listing.read_text().splitlines() if listing.is_file() else []:
         match = re.match(r"\s*deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
         if match and "security" not in match[2]:
             return match[1]

@@ -43,9 +43,10 @@ def test_packager_build_context_has_the_map_layout(context):
     assert (context / "models" / MODEL_NAME / "models" / "model.pt").is_file()
     assert {p.name for p in (context / "app").iterdir()} >= {"__main__.py", "app", "operators", "requirements.txt"}
     requirements = (context / "pip" / "requirements.txt").read_text()
-    assert "torch==2.13.0+cpu" in requirements and "holoscan-cu13==4.2.0" in requirements
-    assert "download.pytorch.org/whl/cpu" in requirements  # never the multi-GB CUDA torch
+    assert "\ntorch==2.13.0\n" in requirements and "holoscan-cu13==4.2.0" in requirements
+    assert "holoscan-cli==4.2.0" in requirements  # the release whose tools script and manifests the MAP carries
     assert "COPY ./app /opt/holoscan/app" in (context / "Dockerfile").read_text()
+    assert os.access(context / "entrypoint.sh", os.X_OK)
 
 
 def test_cpu_dockerfile_matches_the_packager_context(context):
@@ -57,6 +58,10 @@ def test_cpu_dockerfile_matches_the_packager_context(context):
     for key in ("HOLOSCAN_MODEL_PATH", "HOLOSCAN_APPLICATION", "HOLOSCAN_APP_MANIFEST_PATH", "HOLOSCAN_CONFIG_PATH"):
         assert env[key] == app_json["environment"][key].rstrip("/"), key
     assert "nvcr.io" not in dockerfile and "cuda" not in dockerfile.split("FROM", 1)[1].split("\n", 1)[0].lower()
+    # the CPU build of the pinned torch comes first, from the PyTorch CPU index: never PyPI's multi-GB CUDA build
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert dockerfile.index('"$torch"') < dockerfile.index("-r /tmp/requirements.txt")
+    assert 'ENTRYPOINT ["/opt/holoscan/entrypoint.sh"]' in dockerfile
 
 
 def test_packaged_application_runs_like_the_map(context, study, tmp_path):
