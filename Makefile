@@ -65,18 +65,19 @@ label-serve: $(LABEL_STAMP)
 # The CPU MAP image (Dockerfile; docker, else podman, else buildah): `make map` builds mome-app-cpu:VERSION from the
 # packager's build context; `make map-run IN=STUDY OUT=DIR` runs it as a MAP runs (mounted input/output, no network).
 # MAP_BASE picks the base image (default: the Dockerfile's python:3.12-slim); `make map-base` makes a minimal Debian
-# one with debootstrap (root), for hosts that reach package indexes but no container registry. WHEELS: a folder of
-# wheels mounted into the build (default: $PIP_FIND_LINKS when it is a folder), PIP_CERT: pip's CA bundle,
-# MAP_NO_CACHE=1: no cached layers.
+# one with debootstrap (root), for hosts that reach package indexes but no container registry. MAP_WHEELS: a folder
+# of wheels mounted into the build, MAP_PIP_CERT: a CA bundle for pip in the build (default for both, `pip`: what
+# this host's pip uses, if anything; podman/buildah only), MAP_NO_CACHE=1: no cached layers.
 # map-check (CI, after `make test`): map-base, map, the image's tests (tests/map) and bench-map.
 # bench-map: image size, build time, cold start and the demo study through the image; bench/results/map_image.md.
 MAP_ENGINE ?= auto
 MAP_BASE ?=
 MAP_DEBIAN_BASE := localhost/mome-debian-base:bookworm
-WHEELS ?= $(if $(wildcard $(PIP_FIND_LINKS)/.),$(PIP_FIND_LINKS))
+MAP_WHEELS ?= pip
+MAP_PIP_CERT ?= pip
 MAP_TAG = mome-app-cpu:$(shell $(PY) -c 'import app; print(app.__version__)')
-MAP_BUILD_ARGS = --engine $(MAP_ENGINE) $(if $(MAP_BASE),--base $(MAP_BASE)) $(if $(WHEELS),--wheels $(WHEELS)) \
-	$(if $(PIP_CERT),--pip-cert $(PIP_CERT)) $(if $(MAP_NO_CACHE),--no-cache) --json build/map_build.json
+MAP_BUILD_ARGS = --engine $(MAP_ENGINE) $(if $(MAP_BASE),--base $(MAP_BASE)) $(if $(MAP_WHEELS),--wheels $(MAP_WHEELS)) \
+	$(if $(MAP_PIP_CERT),--pip-cert $(MAP_PIP_CERT)) $(if $(MAP_NO_CACHE),--no-cache) --json build/map_build.json
 .PHONY: map map-base map-run map-check bench-map
 
 map: $(STAMP)

@@ -9,7 +9,7 @@ command                        module                        what it does
 ``mome-eval``                  :mod:`app.cli.eval`           a bundle's Dice, volume error, lesion F1 on a dataset
 ``mome-convert``               :mod:`app.cli.convert`        the authors' checkpoints -> a runnable bundle
 ``make demo``                  :mod:`app.cli.demo`           the application on the embedded demo study
-``python -m app.map_package``  :mod:`app.map_package`        MAP build context
+``python -m app.map_package``  :mod:`app.map_package`        MAP build context, CPU image build and run
 =============================  ============================  ===================================================
 
 The console-script functions below import nothing heavy: ``mome-seg`` first becomes a small supervisor

@@ -9,14 +9,14 @@ packager in-process up to the point where it would call Docker, keeping the gene
 
 Usage (from the repository root; ``VERSION`` is ``app.__version__``, the one version of the product)::
 
-    python -m app.map_package --out build/map_app                     # stage the application folder only
-    python -m app.map_package --out build/map_app --context build/map_ctx [--tag mome-app:VERSION] [--bundle bundle]
+    python -m app.map_package stage --out build/map_app                     # the application folder only
+    python -m app.map_package stage --out build/map_app --context build/map_ctx [--tag mome-app:VERSION]
+    python -m app.map_package build [--base IMAGE] [--engine podman]        # the CPU image (make map; image.py)
+    python -m app.map_package run --input STUDY --output OUT [IMAGE]        # as a MAP runs (make map-run)
 
-    # with Docker + buildx + network, the real package:
+    # with Docker + buildx + registry access, the GPU MAP on the SDK's CUDA base:
     monai-deploy package build/map_app -c build/map_app/app.yaml -t mome-app:VERSION --platform x86_64 \\
-        -m build/map_app_models \\
-        --source app/packaging/holoscan-cli-artifacts-4.2.0.json       # CUDA base image (nvcr.io), GPU or CPU hosts
-    docker build -f Dockerfile -t mome-app-cpu:VERSION build/map_ctx     # the same MAP layout on a CPU-only base
+        -m build/map_app_models --source app/packaging/holoscan-cli-artifacts-4.2.0.json
 """
 
 from __future__ import annotations

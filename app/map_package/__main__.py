@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app.cli.exit_status import ExitCode
@@ -28,6 +28,7 @@ from app.map_package.image import (
     build_image,
     detect_engine,
     make_debian_base,
+    pip_setting,
     run_map,
 )
 
@@ -59,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build the CPU MAP image from the packager's build context")
     build.add_argument("--base", help="base image (default: the Dockerfile's slim Python image)")
-    build.add_argument("--wheels", type=Path, help="folder of wheels (e.g. the CPU torch) mounted into the build")
-    build.add_argument("--pip-cert", type=Path, help="CA bundle for pip behind a TLS-inspecting proxy")
+    build.add_argument(
+        "--wheels", help="folder of wheels (e.g. the CPU torch) mounted into the build; 'pip': pip's find-links folder"
+    )
+    build.add_argument("--pip-cert", help="CA bundle for pip behind a TLS-inspecting proxy; 'pip': the one pip uses")
     build.add_argument("--no-cache", action="store_true", help="build every step afresh (no cached layers)")
     build.add_argument("--workdir", type=Path, default=REPO / "build", help="where the context and build log go")
     build.add_argument("--json", type=Path, help="write the build record (size, seconds, engine) here")
@@ -105,7 +108,10 @@ def _build(args: argparse.Namespace) -> int:
     workdir = args.workdir.resolve()
     application = stage_application(workdir / "map_app")
     context = build_context(application, workdir / "map_ctx", args.bundle.resolve(), args.tag)
-    spec = BuildSpec(context, args.tag, args.base, _folder(args.wheels), _file(args.pip_cert), no_cache=args.no_cache)
+    mounts = engine.name != "docker"  # docker build mounts nothing: 'pip' then means nothing
+    wheels = _from_pip(args.wheels, "find-links", Path.is_dir) if mounts or args.wheels != "pip" else None
+    pip_cert = _from_pip(args.pip_cert, "cert", Path.is_file) if mounts or args.pip_cert != "pip" else None
+    spec = BuildSpec(context, args.tag, args.base, wheels, pip_cert, no_cache=args.no_cache)
     print(f"building {args.tag} with {engine.name} (log: {workdir / 'map_build.log'})", flush=True)
     record = build_image(spec, engine, log=workdir / "map_build.log")
     print(f"built {record['tag']}: {record['size_bytes'] / 1e9:.2f} GB in {record['build_seconds']:.0f} s")
@@ -121,16 +127,15 @@ def _run(args: argparse.Namespace) -> int:
     return result.returncode
 
 
-def _folder(path: Path | None) -> Path | None:
-    if path is not None and not path.is_dir():
-        raise MapImageError(f"wheel folder {path} does not exist")
-    return path
-
-
-def _file(path: Path | None) -> Path | None:
-    if path is not None and not path.is_file():
-        raise MapImageError(f"CA bundle {path} does not exist")
-    return path
+def _from_pip(value: str | None, key: str, exists: Callable[[Path], bool]) -> Path | None:
+    """``value`` as a path that must exist; ``pip``: the first existing one pip's ``key`` setting names, if any."""
+    if value is None:
+        return None
+    if value == "pip":
+        return next((Path(v) for v in pip_setting(key) if exists(Path(v))), None)
+    if not exists(Path(value)):
+        raise MapImageError(f"--{'wheels' if key == 'find-links' else 'pip-cert'} {value} does not exist")
+    return Path(value)
 
 
 if __name__ == "__main__":

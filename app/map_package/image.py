@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "build_image",
     "detect_engine",
     "make_debian_base",
+    "pip_setting",
     "run_map",
 ]
 
@@ -200,6 +202,19 @@ def run_map(
     output.mkdir(parents=True, exist_ok=True)
     argv = engine.run_argv(image, study, output, arguments)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def pip_setting(key: str) -> list[str]:
+    """The values this host's pip uses for ``key`` (``find-links``, ``cert``): ``PIP_<KEY>``, else pip's config."""
+    found = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+    if found:
+        return found.split()
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        name, _, value = line.partition("=")
+        if name in (f"global.{key}", f"install.{key}"):
+            return value.strip().strip("'\"").split()
+    return []
 
 
 def shared_memory() -> str:
