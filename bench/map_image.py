@@ -37,6 +37,7 @@ from publish import publish  # noqa: E402
 
 from app.demo_study import make_demo_study, save_series, series_datasets  # noqa: E402
 from app.map_package.image import ENGINES, Engine, detect_engine, run_map  # noqa: E402
+from operators.bundle import default_bundle_dir, use_bundle_scripts  # noqa: E402
 
 
 def make_rejected_study(folder: Path) -> Path:
@@ -58,6 +59,7 @@ def timed(label: str, expected: int, command) -> float:
 
 def run(image: str, engine: Engine, repeats: int, workdir: Path) -> dict[str, Any]:
     demo = workdir / "demo"
+    use_bundle_scripts(default_bundle_dir())  # the demo study's generator is the bundle's
     make_demo_study(demo)
     rejected = make_rejected_study(workdir / "rejected")
     rows = []
