@@ -130,3 +130,16 @@ def test_the_entry_point_hands_sigterm_to_the_application(manifest):
         time.sleep(0.2)
         process.send_signal(signal.SIGTERM)  # what `docker stop` sends to the container's first process
         assert process.wait(timeout=10) == 143
+
+
+def test_the_build_takes_the_wheel_folder_and_ca_bundle_this_hosts_pip_uses(monkeypatch, tmp_path):
+    from app.map_package.__main__ import _from_pip
+
+    (tmp_path / "ca.crt").touch()
+    monkeypatch.setenv("PIP_FIND_LINKS", f"https://example.org/links {tmp_path}")
+    monkeypatch.setenv("PIP_CERT", str(tmp_path / "ca.crt"))
+    assert _from_pip("pip", "find-links", Path.is_dir) == tmp_path  # the first entry that is a folder
+    assert _from_pip("pip", "cert", Path.is_file) == tmp_path / "ca.crt"
+    assert _from_pip(None, "cert", Path.is_file) is None
+    with pytest.raises(MapImageError, match="--wheels /nonexistent does not exist"):
+        _from_pip("/nonexistent", "find-links", Path.is_dir)
