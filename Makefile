@@ -75,7 +75,7 @@ MAP_BASE ?=
 MAP_DEBIAN_BASE := localhost/mome-debian-base:bookworm
 MAP_WHEELS ?= pip
 MAP_PIP_CERT ?= pip
-MAP_TAG = mome-app-cpu:$(shell $(PY) -c 'import app; print(app.__version__)')
+MAP_TAG = $(shell $(PY) -c 'from app.map_package.image import IMAGE_TAG; print(IMAGE_TAG)')
 MAP_BUILD_ARGS = --engine $(MAP_ENGINE) $(if $(MAP_BASE),--base $(MAP_BASE)) $(if $(MAP_WHEELS),--wheels $(MAP_WHEELS)) \
 	$(if $(MAP_PIP_CERT),--pip-cert $(MAP_PIP_CERT)) $(if $(MAP_NO_CACHE),--no-cache) --json build/map_build.json
 .PHONY: map map-base map-run map-check bench-map
@@ -88,7 +88,7 @@ map-base: $(STAMP)
 
 map-run: $(STAMP)
 	@test -n "$(IN)" -a -n "$(OUT)" || { echo "usage: make map-run IN=study_folder OUT=output_folder" >&2; exit 2; }
-	$(PY) -m app.map_package run --engine $(MAP_ENGINE) --input "$(IN)" --output "$(OUT)" $(MAP_TAG)
+	$(PY) -m app.map_package run --engine $(MAP_ENGINE) --input "$(IN)" --output "$(OUT)"
 
 map-check: $(STAMP)
 	$(MAKE) map-base

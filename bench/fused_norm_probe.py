@@ -38,7 +38,8 @@ NN_FORWARD = unet.ConvNormAct.forward
 
 
 def fused_forward(self: unet.ConvNormAct, x: torch.Tensor) -> torch.Tensor:
-    return instance_norm_leaky_relu_(self.conv(x), self.norm.weight, self.norm.bias, self.norm.eps, 0.01)
+    norm, slope = self.norm, self.act.negative_slope
+    return instance_norm_leaky_relu_(self.conv(x), norm.weight, norm.bias, norm.eps, slope)
 
 
 def seconds(call, repeats: int) -> list[float]:

@@ -109,8 +109,8 @@ def _build(args: argparse.Namespace) -> int:
     application = stage_application(workdir / "map_app")
     context = build_context(application, workdir / "map_ctx", args.bundle.resolve(), args.tag)
     mounts = engine.name != "docker"  # docker build mounts nothing: 'pip' then means nothing
-    wheels = _from_pip(args.wheels, "find-links", Path.is_dir) if mounts or args.wheels != "pip" else None
-    pip_cert = _from_pip(args.pip_cert, "cert", Path.is_file) if mounts or args.pip_cert != "pip" else None
+    wheels = _from_pip(args.wheels, "find-links", Path.is_dir, mounts)
+    pip_cert = _from_pip(args.pip_cert, "cert", Path.is_file, mounts)
     spec = BuildSpec(context, args.tag, args.base, wheels, pip_cert, no_cache=args.no_cache)
     print(f"building {args.tag} with {engine.name} (log: {workdir / 'map_build.log'})", flush=True)
     record = build_image(spec, engine, log=workdir / "map_build.log")
@@ -127,12 +127,13 @@ def _run(args: argparse.Namespace) -> int:
     return result.returncode
 
 
-def _from_pip(value: str | None, key: str, exists: Callable[[Path], bool]) -> Path | None:
-    """``value`` as a path that must exist; ``pip``: the first existing one pip's ``key`` setting names, if any."""
+def _from_pip(value: str | None, key: str, exists: Callable[[Path], bool], mounts: bool = True) -> Path | None:
+    """``value`` as a path that must exist; ``pip``: the first existing one pip's ``key`` setting names, if any
+    (none when the engine ``mounts`` nothing)."""
     if value is None:
         return None
     if value == "pip":
-        return next((Path(v) for v in pip_setting(key) if exists(Path(v))), None)
+        return next((Path(v) for v in pip_setting(key) if exists(Path(v))), None) if mounts else None
     if not exists(Path(value)):
         raise MapImageError(f"--{'wheels' if key == 'find-links' else 'pip-cert'} {value} does not exist")
     return Path(value)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -96,7 +96,8 @@ class Engine:
     def build_argv(self, spec: BuildSpec) -> list[str]:
         argv = [self.name, "bud" if self.name == "buildah" else "build"]
         if self.name != "docker":
-            argv += ["--isolation", "chroot", "--network", "host", "--pull=missing" if self.name == "podman" else ""]
+            argv += ["--isolation", "chroot", "--network", "host"]
+            argv += ["--pull=missing"] if self.name == "podman" else []
             argv += ["--layers=false"] if self.storage_driver == "vfs" else []
             argv += [f"-v={mount}" for mount in spec.mounts()]
         elif spec.mounts():
@@ -104,7 +105,7 @@ class Engine:
         argv += ["--no-cache"] if spec.no_cache else []
         for key, value in spec.build_args().items():
             argv += ["--build-arg", f"{key}={value}"]
-        return [a for a in argv if a] + ["-f", str(spec.dockerfile), "-t", spec.tag, str(spec.context)]
+        return argv + ["-f", str(spec.dockerfile), "-t", spec.tag, str(spec.context)]
 
     def run_argv(
         self, image: str, study: Path, output: Path, arguments: Sequence[str] = (), name: str | None = None
@@ -131,16 +132,14 @@ class BuildSpec:
     wheels: Path | None = None
     pip_cert: Path | None = None
     dockerfile: Path = DOCKERFILE
-    version: str = __version__
     no_cache: bool = False
-    extra_args: dict[str, str] = field(default_factory=dict)
 
     def mounts(self) -> list[str]:
         mounts = [f"{self.wheels.resolve()}:{WHEELS_MOUNT}:ro"] if self.wheels else []
         return mounts + ([f"{self.pip_cert.resolve()}:{CA_MOUNT}:ro"] if self.pip_cert else [])
 
     def build_args(self) -> dict[str, str]:
-        args = {"MOME_VERSION": self.version, **self.extra_args}
+        args = {"MOME_VERSION": __version__}
         args |= {"BASE_IMAGE": self.base_image} if self.base_image else {}
         args |= {"WHEELS": WHEELS_MOUNT} if self.wheels else {}
         if self.wheels and any(self.wheels.glob("torch-*+cpu-*.whl")):
